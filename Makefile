@@ -1,0 +1,53 @@
+# Two commands do all the set-up on a fresh machine:
+#   make test   create .venv, install the project with its test extras, lint, import contracts, tests
+#   make demo   create .venv, install, run the embedded default pipeline (arrives with the pipeline issue)
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+# uv is much faster than pip but ignores pip's config: give it the local wheel folder when it exists.
+FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+
+.PHONY: install lint format contracts test test-slow clean help
+
+help:
+	@echo "make test      install into $(VENV) and run lint, import contracts and the default (CPU) tests"
+	@echo "make test-slow the slow tests (large zoo models)"
+	@echo "make lint      ruff check and format check"
+	@echo "make format    ruff format and autofix"
+	@echo "make clean     remove the virtual environment and caches"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q --upgrade uv || true
+	@if [ -x $(BIN)/uv ] && $(BIN)/uv pip install --python $(BIN)/python $(FIND_LINKS) -e ".[test]"; then \
+		echo "installed with uv"; \
+	else \
+		echo "uv unavailable or failed: installing with pip"; \
+		$(BIN)/python -m pip install -e ".[test]"; \
+	fi
+	touch $@
+
+install: $(VENV)/.installed
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+contracts: install
+	$(BIN)/lint-imports
+
+test: lint contracts
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-slow: install
+	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

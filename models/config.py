@@ -1,0 +1,457 @@
+"""Typed, torch-free configuration of a ViT-Adapter segmentor and its reference recipe.
+
+Every zoo entry (:mod:`models.zoo`) is one :class:`SegmentorConfig`. The field values are
+transcribed from ``../shared/reference/recipes.yaml`` (the reference configs with inheritance
+resolved); field docstrings name the reference option they stand for. Nothing here imports torch,
+so listing and validating configs is instant.
+
+Overrides (:func:`apply_overrides`) accept flat field names (applied wherever that field exists in
+the tree, e.g. ``embed_dim=64`` or ``num_classes=5``) or a section name with a dict
+(``decode_head={"channels": 32}``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+TrunkKind = Literal["vit", "beit"]
+HeadKind = Literal["upernet", "mask2former"]
+DatasetName = Literal["ade20k", "coco_stuff164k", "pascal_context_59"]
+IGNORE_INDEX = 255
+NUM_INTERACTIONS = 4
+
+
+@dataclass(frozen=True)
+class TrunkConfig:
+    """The plain ViT (DeiT/AugReg) or BEiT (BEiT/BEiTv2) trunk (recipes.md 2.1).
+
+    Attributes:
+        kind: ``"vit"``: timm-style ViT, no cls token, learned ``pos_embed`` (with its cls slot)
+            resized bicubically to the patch grid at every forward, layer scale ``gamma1/gamma2``.
+            ``"beit"``: BEiT blocks with q/v bias, per-block relative position bias, cls token,
+            layer scale ``gamma_1/gamma_2``, no absolute position embedding.
+        img_size: ViT: the resolution ``pos_embed`` was trained at (reference ``img_size`` =
+            ``pretrain_size``). BEiT: the only accepted input size (relative-position tables).
+        layer_scale_init: initial value of the blocks' layer-scale vectors (1.0 ViT, 1e-6 BEiT).
+    """
+
+    kind: TrunkKind
+    embed_dim: int
+    depth: int
+    num_heads: int
+    img_size: int
+    drop_path_rate: float
+    layer_scale_init: float
+    mlp_ratio: float = 4.0
+    patch_size: int = 16
+    qkv_bias: bool = True
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """The ViT-Adapter modules around the trunk (pitfalls.md section 3).
+
+    Attributes:
+        deform_num_heads: heads of every MSDeformAttn in the adapter.
+        deform_ratio: value dimension of MSDeformAttn relative to ``embed_dim``.
+        interaction_indexes: inclusive (first, last) trunk block of each of the 4 interactions.
+        injector_init_values: initial value of each Injector's ``gamma`` (0 ViT, 1e-6 BEiT).
+        conv_inplane: width of the SpatialPriorModule stem (64/128/256/256 channels per level).
+    """
+
+    deform_num_heads: int
+    deform_ratio: float
+    interaction_indexes: tuple[tuple[int, int], ...]
+    injector_init_values: float
+    conv_inplane: int = 64
+    n_points: int = 4
+    cffn_ratio: float = 0.25
+    with_cffn: bool = True
+    add_vit_feature: bool = True
+    use_extra_extractor: bool = True
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """ViT-Adapter backbone = trunk + adapter. ``with_cp``: gradient checkpointing of the blocks."""
+
+    trunk: TrunkConfig
+    adapter: AdapterConfig
+    with_cp: bool = False
+
+
+@dataclass(frozen=True)
+class UperNetConfig:
+    """mmseg ``UPerHead`` on all four backbone outputs (pitfalls.md section 4)."""
+
+    channels: int
+    pool_scales: tuple[int, ...] = (1, 2, 3, 6)
+    dropout_ratio: float = 0.1
+    loss_weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class FCNConfig:
+    """mmseg ``FCNHead`` auxiliary head on backbone output ``in_index`` (stride 16)."""
+
+    channels: int = 256
+    in_index: int = 2
+    num_convs: int = 1
+    kernel_size: int = 3
+    concat_input: bool = False
+    dropout_ratio: float = 0.1
+    loss_weight: float = 0.4
+
+
+@dataclass(frozen=True)
+class Mask2FormerConfig:
+    """Mask2Former head (pixel decoder + masked-attention decoder + criterion), recipes.md 2.4."""
+
+    feat_channels: int
+    out_channels: int
+    num_queries: int
+    encoder_num_heads: int
+    encoder_ffn_channels: int
+    decoder_num_heads: int
+    decoder_ffn_channels: int
+    num_encoder_layers: int = 6
+    num_decoder_layers: int = 9
+    num_feature_levels: int = 3
+    with_cp: bool = False
+    cls_loss_weight: float = 2.0
+    mask_loss_weight: float = 5.0
+    dice_loss_weight: float = 5.0
+    no_object_weight: float = 0.1
+    train_num_points: int = 12544
+    oversample_ratio: float = 3.0
+    importance_sample_ratio: float = 0.75
+
+
+@dataclass(frozen=True)
+class OptimizerRecipe:
+    """AdamW with layer-wise lr decay (recipes.md 2.3) or, when ``layer_decay_rate`` is None,
+    mmcv's DefaultOptimizerConstructor with ``custom_keys`` (the AugReg-B exception).
+
+    Attributes:
+        custom_keys: (name substring, lr_mult, decay_mult) in the reference's matching order
+            (longest key first, then alphabetical; first match wins).
+    """
+
+    lr: float
+    weight_decay: float
+    layer_decay_rate: float | None
+    num_layers: int | None
+    custom_keys: tuple[tuple[str, float, float], ...] = ()
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    grad_clip: float | None = None
+
+
+@dataclass(frozen=True)
+class ScheduleRecipe:
+    """Iteration-based poly schedule with linear warmup, and the runtime intervals (recipes.md 2.3, 2.6)."""
+
+    max_iters: int
+    eval_interval: int
+    warmup_iters: int = 1500
+    warmup_ratio: float = 1e-6
+    power: float = 1.0
+    min_lr: float = 0.0
+    checkpoint_interval: int = 1000
+    max_keep_checkpoints: int = 1
+    log_interval: int = 50
+
+
+@dataclass(frozen=True)
+class TrainDataRecipe:
+    """The training pipeline (recipes.md, each config's "Train pipeline").
+
+    Attributes:
+        img_scale: (long, short) bound of the keep-ratio random rescale, scaled by U(ratio_range).
+        crop_size: (height, width) of the random crop and of the padding.
+        samples_per_gpu, gpus: the reference batch layout; the global batch is their product.
+    """
+
+    img_scale: tuple[int, int]
+    crop_size: tuple[int, int]
+    samples_per_gpu: int
+    gpus: int
+    ratio_range: tuple[float, float] = (0.5, 2.0)
+    cat_max_ratio: float = 0.75
+    flip_prob: float = 0.5
+
+    @property
+    def global_batch(self) -> int:
+        return self.samples_per_gpu * self.gpus
+
+
+@dataclass(frozen=True)
+class MultiScaleRecipe:
+    """Multi-scale + flip test pipeline (recipes.md 2.5 and each config's "MS test pipeline").
+
+    Attributes:
+        ratios: multipliers of the single-scale ``img_scale``.
+        resize: ``"keep_ratio"``: mmcv keep-ratio resize to ``(int(long*r), int(short*r))`` then
+            ResizeToMultiple(``size_divisor``); ``"setr"``: SETR_Resize, short side
+            ``max(int(short*r), crop)`` with no long-side cap and no ResizeToMultiple.
+        pad_short_side: PadShortSide target size, or None.
+        pad_before_normalize: where PadShortSide sits (raw 0 before, normalised 0 after).
+        source: ``"ms_config"`` (a ``_ms`` config exists) or ``"aug_test"`` (test.py --aug-test).
+    """
+
+    ratios: tuple[float, ...]
+    flip: bool
+    resize: Literal["keep_ratio", "setr"]
+    source: Literal["ms_config", "aug_test"]
+    size_divisor: int | None = 32
+    pad_short_side: int | None = None
+    pad_before_normalize: bool = False
+
+
+@dataclass(frozen=True)
+class EvalRecipe:
+    """Single-scale test pipeline, inference mode and multi-scale settings.
+
+    Attributes:
+        img_scale: (long, short) of the keep-ratio test resize.
+        flip: whether the "single-scale" evaluation adds a flipped pass (True only for the
+            BEiTv2 ADE20K 80k config, recipes.md section 4).
+        ms: the multi-scale recipe, None where the reference has none.
+        fp16: the reference test.py ran this config under fp16 autocast (recipes.md 2.6).
+    """
+
+    img_scale: tuple[int, int]
+    crop_size: tuple[int, int]
+    stride: tuple[int, int]
+    ms: MultiScaleRecipe | None
+    mode: Literal["slide", "whole"] = "slide"
+    size_divisor: int = 32
+    flip: bool = False
+    fp16: bool = False
+
+
+@dataclass(frozen=True)
+class DataRecipe:
+    """Dataset, normalisation and pipelines of a config."""
+
+    dataset: DatasetName
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    train: TrainDataRecipe
+    eval: EvalRecipe
+    to_rgb: bool = True
+
+
+@dataclass(frozen=True)
+class PretrainedRecipe:
+    """Weights a training run starts from (recipes.md 2.2).
+
+    Attributes:
+        name: the pretraining as the README names it (e.g. ``"DeiT-T"``).
+        file: the file name the reference expects under ``pretrained/``.
+        url: where the file is published.
+        init_from: zoo name of the stage whose checkpoint initialises this one (strategy 2), or None.
+        init_from_file, init_from_url: the released checkpoint of that stage.
+    """
+
+    name: str
+    file: str
+    url: str
+    init_from: str | None = None
+    init_from_file: str | None = None
+    init_from_url: str | None = None
+
+
+@dataclass(frozen=True)
+class Published:
+    """Published results of the row (``../shared/seeds/``) and the reference's own parameter count.
+
+    Attributes:
+        miou_ss, miou_ms: README mIoU, None where the README gives none.
+        params_m: the README's #Param in millions (rounded as printed).
+        reference_num_params: exact count of the reference code (param_counts.json), None where
+            unavailable (the COCO-Stuff stages and the BEiTv2 160k config have no manifest).
+    """
+
+    miou_ss: float | None
+    miou_ms: float | None
+    params_m: int
+    reference_num_params: int | None = None
+    in_seed_table: bool = True
+
+
+@dataclass(frozen=True)
+class SegmentorConfig:
+    """One zoo entry: architecture, recipe and published numbers of one reference config."""
+
+    name: str
+    reference_config: str
+    num_classes: int
+    head: HeadKind
+    backbone: BackboneConfig
+    decode_head: UperNetConfig | Mask2FormerConfig
+    auxiliary_head: FCNConfig | None
+    optimizer: OptimizerRecipe
+    schedule: ScheduleRecipe
+    data: DataRecipe
+    pretrained: PretrainedRecipe
+    published: Published
+    align_corners: bool = False
+    ignore_index: int = IGNORE_INDEX
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict of the whole config."""
+        return dataclasses.asdict(self)
+
+
+def even_interaction_indexes(depth: int) -> tuple[tuple[int, int], ...]:
+    """Split ``depth`` blocks into the 4 equal interaction groups the reference uses."""
+    if depth % NUM_INTERACTIONS:
+        raise ValueError(
+            f"depth={depth} cannot be split into {NUM_INTERACTIONS} equal interactions; "
+            "give interaction_indexes explicitly"
+        )
+    step = depth // NUM_INTERACTIONS
+    return tuple((i * step, (i + 1) * step - 1) for i in range(NUM_INTERACTIONS))
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Convert lists to tuples and check simple scalar types of an override value."""
+    origin = typing.get_origin(annotation)
+    if origin is tuple and isinstance(value, list | tuple):
+        args = typing.get_args(annotation)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], where) for v in value)
+        return tuple(_coerce(v, a, where) for v, a in zip(value, args, strict=True))
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation in (int, float, bool, str) and not isinstance(value, annotation):
+        raise ValueError(f"override {where}={value!r}: expected {annotation.__name__}")
+    if annotation is int and isinstance(value, bool):
+        raise ValueError(f"override {where}={value!r}: expected int")
+    return value
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _replace_in(obj: Any, key: str, value: Any, path: str) -> tuple[Any, list[str]]:
+    """Replace field ``key`` wherever it occurs under dataclass ``obj``; returns (new obj, paths set)."""
+    if not dataclasses.is_dataclass(obj):
+        return obj, []
+    hints = _field_types(type(obj))
+    changes: dict[str, Any] = {}
+    hits: list[str] = []
+    for f in dataclasses.fields(obj):
+        current = getattr(obj, f.name)
+        where = f"{path}.{f.name}" if path else f.name
+        if f.name == key:
+            changes[f.name] = _coerce(value, hints[f.name], where)
+            hits.append(where)
+        elif dataclasses.is_dataclass(current):
+            new, sub_hits = _replace_in(current, key, value, where)
+            if sub_hits:
+                changes[f.name] = new
+                hits.extend(sub_hits)
+    return (dataclasses.replace(obj, **changes) if changes else obj), hits
+
+
+def _is_section(obj: Any, key: str) -> bool:
+    return any(
+        f.name == key and dataclasses.is_dataclass(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+    )
+
+
+def apply_overrides(config: SegmentorConfig, **overrides: Any) -> SegmentorConfig:
+    """Return ``config`` with overrides applied.
+
+    Args:
+        config: the zoo entry.
+        **overrides: ``name=value`` sets field ``name`` wherever it exists in the config tree;
+            ``section={...}`` (a dataclass-valued field such as ``decode_head`` or ``backbone``)
+            applies the dict inside that section only. Changing ``depth`` without giving
+            ``interaction_indexes`` re-derives 4 equal interactions.
+
+    Raises:
+        ValueError: an unknown field name or a value of the wrong type, naming it.
+    """
+    result: Any = config
+    depth_changed = False
+    explicit_indexes = "interaction_indexes" in overrides
+    for key, value in overrides.items():
+        if isinstance(value, dict) and _is_section(result, key):
+            section = getattr(result, key)
+            for sub_key, sub_value in value.items():
+                section, hits = _replace_in(section, sub_key, sub_value, key)
+                if not hits:
+                    raise ValueError(f"unknown override {key}.{sub_key} for config {config.name!r}")
+                depth_changed |= sub_key == "depth"
+                explicit_indexes |= sub_key == "interaction_indexes"
+            result = dataclasses.replace(result, **{key: section})
+            continue
+        result, hits = _replace_in(result, key, value, "")
+        if not hits:
+            raise ValueError(
+                f"unknown override {key!r} for config {config.name!r}; known fields: {sorted(_all_fields(config))}"
+            )
+        depth_changed |= key == "depth"
+    if depth_changed and not explicit_indexes:
+        backbone = result.backbone
+        adapter = dataclasses.replace(
+            backbone.adapter, interaction_indexes=even_interaction_indexes(backbone.trunk.depth)
+        )
+        result = dataclasses.replace(result, backbone=dataclasses.replace(backbone, adapter=adapter))
+    validate(result)
+    return result
+
+
+def _all_fields(obj: Any) -> set[str]:
+    names: set[str] = set()
+    for f in dataclasses.fields(obj):
+        names.add(f.name)
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            names |= _all_fields(value)
+    return names
+
+
+def validate(config: SegmentorConfig) -> None:
+    """Check the cross-field rules of a config; raises ValueError naming the offending value."""
+    trunk, adapter = config.backbone.trunk, config.backbone.adapter
+    if trunk.embed_dim % trunk.num_heads:
+        raise ValueError(
+            f"{config.name}: embed_dim={trunk.embed_dim} is not divisible by num_heads={trunk.num_heads}"
+        )
+    value_dim = int(trunk.embed_dim * adapter.deform_ratio)
+    if value_dim % adapter.deform_num_heads:
+        raise ValueError(
+            f"{config.name}: deform value dim {value_dim} (embed_dim*deform_ratio) is not divisible by "
+            f"deform_num_heads={adapter.deform_num_heads}"
+        )
+    if len(adapter.interaction_indexes) != NUM_INTERACTIONS:
+        raise ValueError(f"{config.name}: interaction_indexes must have {NUM_INTERACTIONS} groups")
+    expected_first = 0
+    for first, last in adapter.interaction_indexes:
+        if first != expected_first or last < first:
+            raise ValueError(
+                f"{config.name}: interaction_indexes {adapter.interaction_indexes} must tile the blocks"
+            )
+        expected_first = last + 1
+    if expected_first != trunk.depth:
+        raise ValueError(
+            f"{config.name}: interaction_indexes {adapter.interaction_indexes} do not cover depth={trunk.depth}"
+        )
+    if trunk.img_size % trunk.patch_size:
+        raise ValueError(
+            f"{config.name}: img_size={trunk.img_size} is not a multiple of patch_size={trunk.patch_size}"
+        )
+    if config.num_classes < 1:
+        raise ValueError(f"{config.name}: num_classes={config.num_classes} must be >= 1")
+    head_type = UperNetConfig if config.head == "upernet" else Mask2FormerConfig
+    if not isinstance(config.decode_head, head_type):
+        raise ValueError(f"{config.name}: head {config.head!r} needs a {head_type.__name__}")
