@@ -119,7 +119,8 @@ class ViTAdapter(nn.Module):
         self.norm2 = nn.BatchNorm2d(dim)
         self.norm3 = nn.BatchNorm2d(dim)
         self.norm4 = nn.BatchNorm2d(dim)
-        self.init_weights()
+        if self.level_embed.device.type != "meta":  # shapes only (parameter counting): nothing to initialise
+            self.init_weights()
 
     @torch.no_grad()
     def init_weights(self) -> None:

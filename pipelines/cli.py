@@ -54,8 +54,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(func(args) or 0)
+    except BrokenPipeError:  # e.g. `vitadapter configs list --json | head`
+        sys.stderr.close()
+        return 0
     except (ValueError, FileNotFoundError, KeyError, RuntimeError) as err:
-        log.error("%s", err)
+        log.error("%s", err.args[0] if isinstance(err, KeyError) and err.args else err)
         return 1
 
 
