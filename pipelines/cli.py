@@ -16,7 +16,6 @@ from collections.abc import Sequence
 COMMAND_MODULES: tuple[str, ...] = (
     "pipelines.commands.configs",
     "pipelines.commands.checkpoint",
-    "pipelines.commands.data",
 )
 
 log = logging.getLogger("vitadapter")
