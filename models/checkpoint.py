@@ -234,7 +234,7 @@ def load_checkpoint_file(path: str | os.PathLike[str]) -> dict[str, Any]:
             obj = torch.load(source, map_location="cpu", weights_only=True)
     except CheckpointError:
         raise
-    except Exception as err:  # noqa: BLE001 - torch.load fails in many ways on foreign bytes; all mean the same here
+    except Exception as err:
         detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(
             f"{path} is not a readable PyTorch checkpoint (truncated download or foreign file?): {detail}"

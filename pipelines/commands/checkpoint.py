@@ -74,7 +74,11 @@ def convert(
         }
     elif to == "official":
         payload = {
-            "meta": {"config": config.reference_config, "exported_by": PROJECT_FORMAT, "zoo_entry": config.name},
+            "meta": {
+                "config": config.reference_config,
+                "exported_by": PROJECT_FORMAT,
+                "zoo_entry": config.name,
+            },
             "state_dict": ordered,
         }
     else:
@@ -112,12 +116,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ("import", "project", "read an official ViT-Adapter checkpoint (.pth, .pth.tar or release .zip)"),
         ("export", "official", "write a project or training checkpoint in the official mmseg layout"),
     ):
-        sub = actions.add_parser(action, help=text, description=text + "; the key report goes to OUT.keys.json")
+        sub = actions.add_parser(
+            action, help=text, description=text + "; the key report goes to OUT.keys.json"
+        )
         sub.add_argument("name", help="zoo entry the weights belong to (see 'vitadapter configs list')")
         sub.add_argument("src", help="input checkpoint file")
         sub.add_argument("--out", required=True, help="output checkpoint file (written atomically)")
-        sub.add_argument("--set", action="append", metavar="KEY=VALUE", help="zoo override of the model (repeatable)")
         sub.add_argument(
-            "--non-strict", action="store_true", help="keep the matching keys and report the others instead of failing"
+            "--set", action="append", metavar="KEY=VALUE", help="zoo override of the model (repeatable)"
+        )
+        sub.add_argument(
+            "--non-strict",
+            action="store_true",
+            help="keep the matching keys and report the others instead of failing",
         )
         sub.set_defaults(func=lambda args, to=to: _run(args, to))

@@ -74,7 +74,9 @@ def _list(args: argparse.Namespace) -> int:
     ]
     widths = [max(len(str(row[i])) for row in [header, *table]) for i in range(len(header))]
     for row in [header, *table]:
-        sys.stdout.write("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+        sys.stdout.write(
+            "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
         sys.stdout.write("\n")
     return 0
 
@@ -104,9 +106,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "the meta device (no memory); '-' where the head is not built yet."
         ),
     )
-    listing.add_argument("--json", action="store_true", help=f"print JSON objects with fields {', '.join(JSON_FIELDS)}")
+    listing.add_argument(
+        "--json", action="store_true", help=f"print JSON objects with fields {', '.join(JSON_FIELDS)}"
+    )
     listing.add_argument("--head", choices=("upernet", "mask2former"), help="only this head")
-    listing.add_argument("--dataset", choices=("ade20k", "coco_stuff164k", "pascal_context_59"), help="only this dataset")
+    listing.add_argument(
+        "--dataset", choices=("ade20k", "coco_stuff164k", "pascal_context_59"), help="only this dataset"
+    )
     listing.set_defaults(func=_list)
     show = actions.add_parser("show", help="print one entry's full config and recipe as JSON")
     show.add_argument("name", help="zoo entry (see 'vitadapter configs list')")

@@ -21,7 +21,14 @@ from models.checkpoint import (
     save_checkpoint_file,
 )
 
-TINY = {"embed_dim": 64, "depth": 4, "num_heads": 2, "deform_num_heads": 2, "conv_inplane": 16, "channels": 32}
+TINY = {
+    "embed_dim": 64,
+    "depth": 4,
+    "num_heads": 2,
+    "deform_num_heads": 2,
+    "conv_inplane": 16,
+    "channels": 32,
+}
 NAME = "upernet_deit_adapter_tiny_512_160k_ade20k"
 
 
@@ -34,7 +41,9 @@ def model():
 @pytest.fixture
 def official(model):
     """An official-format checkpoint of the tiny model (mmseg container, numpy scalars in meta)."""
-    state = {k: torch.randn_like(v) if v.is_floating_point() else v.clone() for k, v in model.state_dict().items()}
+    state = {
+        k: torch.randn_like(v) if v.is_floating_point() else v.clone() for k, v in model.state_dict().items()
+    }
     meta = {"CLASSES": ("wall", "building"), "hook_msgs": {"best_score": np.float64(0.42)}, "iter": 160000}
     return {"meta": meta, "state_dict": state}
 
@@ -95,7 +104,7 @@ def test_release_zip_is_read_without_unpacking(tmp_path: Path, official) -> None
 
 
 def test_truncated_foreign_and_missing_files(tmp_path: Path, official) -> None:
-    with pytest.raises(FileNotFoundError, match="nope.pth does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"nope\.pth does not exist"):
         load_checkpoint_file(tmp_path / "nope.pth")
     good = save_checkpoint_file(official, tmp_path / "good.pth")
     truncated = tmp_path / "truncated.pth"
@@ -117,7 +126,7 @@ def test_arbitrary_code_in_a_pickle_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "evil.pth"
     with path.open("wb") as handle:
         torch.save({"state_dict": {}, "x": _Payload()}, handle)
-    with pytest.raises(CheckpointError, match="evil.pth is not a readable PyTorch checkpoint"):
+    with pytest.raises(CheckpointError, match=r"evil\.pth is not a readable PyTorch checkpoint"):
         load_checkpoint_file(path)
 
 

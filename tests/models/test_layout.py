@@ -27,7 +27,10 @@ def test_parameter_count_equals_reference(name: str) -> None:
 def test_state_dict_layout_equals_manifest(name: str) -> None:
     assert name in manifest_names()
     manifest = load_manifest(name)
-    ours = [(k, tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in _meta_model(name).state_dict().items()]
+    ours = [
+        (k, tuple(v.shape), str(v.dtype).removeprefix("torch."))
+        for k, v in _meta_model(name).state_dict().items()
+    ]
     assert ours == [(k, s, d) for k, s, d in manifest.keys]
     parameters = {k for k, _ in _meta_model(name).named_parameters()}
     assert parameters == {k for k, _, _ in manifest.keys} - manifest.non_parameter_keys

@@ -86,7 +86,9 @@ def test_aux_loss_weight_is_0_4() -> None:
     with torch.no_grad():
         losses = model.loss(img, labels)
         features = model.extract_features(img)
-        aux = F.interpolate(model.auxiliary_head(features), size=(SIZE, SIZE), mode="bilinear", align_corners=False)
+        aux = F.interpolate(
+            model.auxiliary_head(features), size=(SIZE, SIZE), mode="bilinear", align_corners=False
+        )
     torch.testing.assert_close(losses["aux.loss_seg"], 0.4 * seg_cross_entropy(aux, labels))
     torch.testing.assert_close(losses["loss"], losses["decode.loss_seg"] + losses["aux.loss_seg"])
 
@@ -111,7 +113,9 @@ def test_vit_accepts_any_multiple_of_32_non_square() -> None:
     assert [tuple(f.shape[2:]) for f in features] == [(24, 40), (12, 20), (6, 10), (3, 5)]
 
 
-@pytest.mark.parametrize("name", ["upernet_deit_adapter_tiny_512_160k_ade20k", "upernet_beit_adapter_large_640_160k_ade20k"])
+@pytest.mark.parametrize(
+    "name", ["upernet_deit_adapter_tiny_512_160k_ade20k", "upernet_beit_adapter_large_640_160k_ade20k"]
+)
 def test_gradient_checkpointing_gives_the_same_gradients(name: str) -> None:
     grads = []
     for with_cp in (False, True):

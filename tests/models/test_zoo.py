@@ -20,10 +20,34 @@ SEED_ROWS = {
     "upernet_augreg_adapter_base_512_160k_ade20k": ("upernet", "ade20k", 512, 160_000, 51.9, 52.5, 134),
     "upernet_augreg_adapter_large_512_160k_ade20k": ("upernet", "ade20k", 512, 160_000, 53.4, 54.4, 364),
     "upernet_beit_adapter_large_640_160k_ade20k": ("upernet", "ade20k", 640, 160_000, 58.0, 58.4, 451),
-    "mask2former_beit_adapter_large_640_160k_ade20k": ("mask2former", "ade20k", 640, 160_000, 58.3, 59.0, 568),
+    "mask2former_beit_adapter_large_640_160k_ade20k": (
+        "mask2former",
+        "ade20k",
+        640,
+        160_000,
+        58.3,
+        59.0,
+        568,
+    ),
     "mask2former_beit_adapter_large_896_80k_ade20k": ("mask2former", "ade20k", 896, 80_000, 59.4, 60.5, 571),
-    "mask2former_beitv2_adapter_large_896_160k_ade20k": ("mask2former", "ade20k", 896, 160_000, None, None, 571),
-    "mask2former_beitv2_adapter_large_896_80k_ade20k": ("mask2former", "ade20k", 896, 80_000, 61.2, 61.5, 571),
+    "mask2former_beitv2_adapter_large_896_160k_ade20k": (
+        "mask2former",
+        "ade20k",
+        896,
+        160_000,
+        None,
+        None,
+        571,
+    ),
+    "mask2former_beitv2_adapter_large_896_80k_ade20k": (
+        "mask2former",
+        "ade20k",
+        896,
+        80_000,
+        61.2,
+        61.5,
+        571,
+    ),
     "mask2former_beit_adapter_base_480_40k_pascal_context_59": (
         "mask2former",
         "pascal_context_59",
@@ -33,7 +57,15 @@ SEED_ROWS = {
         64.4,
         120,
     ),
-    "upernet_beit_adapter_large_480_80k_pascal_context_59": ("upernet", "pascal_context_59", 480, 80_000, 67.0, 67.5, 451),
+    "upernet_beit_adapter_large_480_80k_pascal_context_59": (
+        "upernet",
+        "pascal_context_59",
+        480,
+        80_000,
+        67.0,
+        67.5,
+        451,
+    ),
     "mask2former_beit_adapter_large_480_40k_pascal_context_59": (
         "mask2former",
         "pascal_context_59",
@@ -85,14 +117,28 @@ def test_strategy_two_chain() -> None:
 
 def test_recipe_details_from_recipes_yaml() -> None:
     tiny = models.get_config("upernet_deit_adapter_tiny_512_160k_ade20k")
-    assert (tiny.optimizer.lr, tiny.optimizer.weight_decay, tiny.optimizer.layer_decay_rate) == (1.2e-4, 0.01, 0.95)
+    assert (tiny.optimizer.lr, tiny.optimizer.weight_decay, tiny.optimizer.layer_decay_rate) == (
+        1.2e-4,
+        0.01,
+        0.95,
+    )
     assert tiny.data.eval.fp16 and tiny.data.eval.ms.source == "aug_test"
     assert tiny.data.eval.ms.ratios == (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
     augreg_b = models.get_config("upernet_augreg_adapter_base_512_160k_ade20k")
     assert augreg_b.optimizer.layer_decay_rate is None
-    assert [k for k, _, _ in augreg_b.optimizer.custom_keys] == ["level_embed", "pos_embed", "bias", "head", "norm"]
+    assert [k for k, _, _ in augreg_b.optimizer.custom_keys] == [
+        "level_embed",
+        "pos_embed",
+        "bias",
+        "head",
+        "norm",
+    ]
     assert augreg_b.data.mean == (127.5, 127.5, 127.5) and augreg_b.backbone.trunk.img_size == 384
-    assert models.get_config("upernet_augreg_adapter_tiny_512_160k_ade20k").data.mean == (123.675, 116.28, 103.53)
+    assert models.get_config("upernet_augreg_adapter_tiny_512_160k_ade20k").data.mean == (
+        123.675,
+        116.28,
+        103.53,
+    )
     beit_l = models.get_config("upernet_beit_adapter_large_640_160k_ade20k")
     assert beit_l.decode_head.channels == 1024 and beit_l.backbone.with_cp
     assert beit_l.data.eval.ms.resize == "setr" and beit_l.data.eval.stride == (426, 426)

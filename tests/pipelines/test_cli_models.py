@@ -30,7 +30,12 @@ def test_configs_list_json(capsys: pytest.CaptureFixture[str]) -> None:
     for name in models.list_configs(head="upernet"):
         assert by_name[name]["num_params"] == counts[name]
     tiny = by_name[NAME]
-    assert (tiny["dataset"], tiny["head"], tiny["crop_size"], tiny["iters"]) == ("ade20k", "upernet", 512, 160000)
+    assert (tiny["dataset"], tiny["head"], tiny["crop_size"], tiny["iters"]) == (
+        "ade20k",
+        "upernet",
+        512,
+        160000,
+    )
     assert (tiny["miou_ss"], tiny["miou_ms"], tiny["params_published_m"]) == (42.6, 43.6, 36)
     assert by_name["mask2former_beitv2_adapter_large_896_160k_ade20k"]["miou_ss"] is None
 
@@ -50,7 +55,10 @@ def test_bad_input_is_a_clear_error(caplog: pytest.LogCaptureFixture, tmp_path: 
     assert "unknown zoo entry 'nope'" in caplog.text
     assert main(["configs", "show", NAME, "--set", "embed_dimm=3"]) == 1
     assert "unknown override 'embed_dimm'" in caplog.text
-    assert main(["checkpoint", "import", NAME, str(tmp_path / "missing.pth"), "--out", str(tmp_path / "x.pth")]) == 1
+    assert (
+        main(["checkpoint", "import", NAME, str(tmp_path / "missing.pth"), "--out", str(tmp_path / "x.pth")])
+        == 1
+    )
     assert "missing.pth does not exist" in caplog.text
 
 
@@ -66,15 +74,32 @@ def test_import_then_export_round_trip(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "ours.pth.keys.json").read_text())
     assert report["missing"] == report["unexpected"] == report["mismatched"] == []
     assert len(report["loaded"]) == len(state)
-    assert main(["checkpoint", "export", NAME, str(tmp_path / "ours.pth"), "--out", str(tmp_path / "back.pth"), *sets]) == 0
+    assert (
+        main(
+            [
+                "checkpoint",
+                "export",
+                NAME,
+                str(tmp_path / "ours.pth"),
+                "--out",
+                str(tmp_path / "back.pth"),
+                *sets,
+            ]
+        )
+        == 0
+    )
     back = load_checkpoint_file(tmp_path / "back.pth")
     assert list(back["state_dict"]) == list(state)
     for key, value in state.items():
         assert torch.equal(back["state_dict"][key], value), key
-    assert back["meta"]["config"] == "segmentation/configs/ade20k/upernet_deit_adapter_tiny_512_160k_ade20k.py"
+    assert (
+        back["meta"]["config"] == "segmentation/configs/ade20k/upernet_deit_adapter_tiny_512_160k_ade20k.py"
+    )
 
 
-def test_import_refuses_a_checkpoint_of_another_model(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_import_refuses_a_checkpoint_of_another_model(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     torch.manual_seed(0)
     model = models.create_segmentor(NAME, embed_dim=64, depth=4, num_heads=2, deform_num_heads=2, channels=32)
     src = save_checkpoint_file({"state_dict": model.state_dict()}, tmp_path / "other.pth")
@@ -86,6 +111,9 @@ def test_import_refuses_a_checkpoint_of_another_model(tmp_path: Path, caplog: py
 
 def test_console_script_help() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", "checkpoint", "import", "--help"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "pipelines.cli", "checkpoint", "import", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert "official ViT-Adapter checkpoint" in out.stdout and "--set KEY=VALUE" in out.stdout
