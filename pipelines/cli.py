@@ -16,6 +16,7 @@ from collections.abc import Sequence
 COMMAND_MODULES: tuple[str, ...] = (
     "pipelines.commands.configs",
     "pipelines.commands.checkpoint",
+    "pipelines.commands.data",
 )
 
 log = logging.getLogger("vitadapter")

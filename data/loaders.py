@@ -1,0 +1,282 @@
+"""Torch loaders over prepared shards: an infinite training stream and an exact-once evaluation reader.
+
+Training (:class:`TrainStream`, :func:`build_train_loader`): an endless sequence of batches, resampled from the
+split without replacement pass after pass. The global sample sequence is ``G[t] = perm_e[t mod N]`` with
+``e = t div N`` and ``perm_e`` a permutation drawn from ``(seed, e)``. Rank ``r`` of ``R`` takes positions
+``t = r, r + R, r + 2R, ...``, so ranks see disjoint samples within every pass, and its batch ``b`` holds its
+positions ``b * B .. (b + 1) * B - 1``. The augmentation of position ``t`` uses a generator seeded by
+``(seed, t)``. The rank's stream is thus a pure function of ``(seed, rank, world_size, batch_size)``: loader
+workers only share the work (worker ``w`` of ``W`` builds batches ``start_step + w, start_step + w + W, ...``,
+and the torch ``DataLoader`` returns them in order), so each worker sees different samples, and the number of
+workers changes nothing. Resuming after ``k`` batches is ``start_step=k``. Batches: ``image`` float32
+``(B, 3, H, W)``, ``label`` int64 ``(B, H, W)``, ``keys``, and with ``to_mask`` the Mask2Former targets.
+
+Evaluation (:class:`EvalDataset`, :func:`build_eval_loader`): rank ``r`` of ``R`` reads positions
+``r, r + R, ...`` of the validation split, so every sample is visited exactly once across ranks (no padding:
+ranks may get one sample more or less). Each item is the decoded image at its original size (``(H, W, 3)``
+uint8 BGR), its train-id label map and metadata, plus the test views when a :class:`TestPipeline` is given.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate, get_worker_info
+
+from data.eval_transforms import TestPipeline
+from data.shards import PreparedDataset, PreparedSplit, VerifyLevel
+from data.train_transforms import TrainPipeline
+
+log = logging.getLogger(__name__)
+
+PERMUTATION_SALT = 0x5EED_0001
+AUGMENTATION_SALT = 0x5EED_0002
+PERMUTATION_CACHE = 4
+
+
+def resolve_distributed(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """``(rank, world_size)``: the given values, else torch.distributed's when initialised, else ``(0, 1)``."""
+    if rank is None or world_size is None:
+        initialised = torch.distributed.is_available() and torch.distributed.is_initialized()
+        rank = rank if rank is not None else (torch.distributed.get_rank() if initialised else 0)
+        world_size = (
+            world_size
+            if world_size is not None
+            else (torch.distributed.get_world_size() if initialised else 1)
+        )
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
+    return rank, world_size
+
+
+@functools.lru_cache(maxsize=PERMUTATION_CACHE)
+def epoch_permutation(seed: int, epoch: int, num_samples: int) -> np.ndarray:
+    """The order of pass ``epoch`` over ``num_samples`` samples."""
+    return np.random.default_rng([PERMUTATION_SALT, seed, epoch]).permutation(num_samples)
+
+
+def stream_sample(seed: int, position: int, num_samples: int) -> int:
+    """Sample index at global position ``position`` of the resampled sequence."""
+    epoch, offset = divmod(position, num_samples)
+    return int(epoch_permutation(seed, epoch, num_samples)[offset])
+
+
+def collate_train(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Stack pipeline outputs into a batch.
+
+    Returns:
+        ``image`` float32 ``(B, 3, H, W)``, ``label`` int64 ``(B, H, W)``, ``keys`` list of str, and when present
+        ``gt_labels`` (list of int64 ``(N_i,)``) and ``gt_masks`` (list of bool ``(N_i, H, W)``).
+    """
+    # default_collate stacks straight into shared memory inside a loader worker, so sending the batch to the
+    # main process costs no further copy.
+    batch: dict[str, Any] = {
+        "image": default_collate([torch.from_numpy(s["image"]) for s in samples]),
+        "label": default_collate([torch.from_numpy(s["label"].astype(np.int64)) for s in samples]),
+        "keys": [s["key"] for s in samples],
+    }
+    if "gt_labels" in samples[0]:
+        batch["gt_labels"] = [torch.from_numpy(s["gt_labels"]) for s in samples]
+        batch["gt_masks"] = [torch.from_numpy(s["gt_masks"]) for s in samples]
+    return batch
+
+
+class TrainStream(IterableDataset):
+    """Infinite, resampled, augmented training batches of one rank (see the module docstring).
+
+    Args:
+        split: the prepared training split.
+        pipeline: the training transform.
+        batch_size: samples per batch (per rank).
+        seed: base seed of the order and of the augmentations.
+        rank: this process's rank.
+        world_size: number of ranks.
+        start_step: batches this rank already consumed (resume point).
+    """
+
+    def __init__(
+        self,
+        split: PreparedSplit,
+        pipeline: TrainPipeline,
+        *,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        start_step: int = 0,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1 or start_step < 0 or seed < 0:
+            raise ValueError(
+                f"need batch_size >= 1, start_step >= 0 and seed >= 0, got {batch_size}, {start_step} and {seed}"
+            )
+        if len(split) == 0:
+            raise ValueError(f"{split.root}: split {split.split} is empty")
+        self.split = split
+        self.pipeline = pipeline
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank, self.world_size = resolve_distributed(rank, world_size)
+        self.start_step = start_step
+
+    def batch_positions(self, step: int) -> list[int]:
+        """Global positions of this rank's batch ``step``."""
+        first = step * self.batch_size
+        return [self.rank + j * self.world_size for j in range(first, first + self.batch_size)]
+
+    def batch(self, step: int) -> dict[str, Any]:
+        """This rank's batch ``step``, collated (see :func:`collate_train`)."""
+        return collate_train([self.sample(t) for t in self.batch_positions(step)])
+
+    def sample(self, position: int) -> dict[str, Any]:
+        """Read, decode and augment the sample at global position ``position``."""
+        index = stream_sample(self.seed, position, len(self.split))
+        record = self.split.record(index)
+        image, label = record.decode()
+        rng = np.random.default_rng([AUGMENTATION_SALT, self.seed, position])
+        return {**self.pipeline(image, label, rng), "key": record.key}
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # The DataLoader asks workers in turn, starting with worker 0, so batches come back in step order.
+        step = self.start_step + worker
+        while True:
+            yield self.batch(step)
+            step += num_workers
+
+
+def _worker_init(_: int) -> None:
+    # One worker process per core: keep OpenCV and torch from starting thread pools of their own.
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+
+
+def build_train_loader(
+    root: str | Path,
+    pipeline: TrainPipeline,
+    *,
+    batch_size: int,
+    seed: int,
+    split: str = "train",
+    rank: int | None = None,
+    world_size: int | None = None,
+    num_workers: int = 2,
+    start_step: int = 0,
+    pin_memory: bool = False,
+    verify: VerifyLevel = "size",
+) -> DataLoader:
+    """A ``DataLoader`` over :class:`TrainStream` (infinite; iterate it once).
+
+    Args:
+        root: prepared dataset folder.
+        pipeline: training transform.
+        batch_size: samples per batch per rank.
+        seed: base seed.
+        split: split name.
+        rank: rank (default: torch.distributed's, or 0).
+        world_size: number of ranks (default: torch.distributed's, or 1).
+        num_workers: loader processes (0: in this process).
+        start_step: batches already consumed by this rank (resume).
+        pin_memory: pin batches for faster host-to-GPU copies.
+        verify: how the shard folder is checked when opened.
+    """
+    rank, world_size = resolve_distributed(rank, world_size)
+    dataset = PreparedDataset.open(root, verify=verify)
+    stream = TrainStream(
+        dataset.split(split),
+        pipeline,
+        batch_size=batch_size,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        start_step=start_step,
+    )
+    return DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        worker_init_fn=_worker_init if num_workers > 0 else None,
+        persistent_workers=num_workers > 0,
+    )
+
+
+def rank_positions(num_samples: int, rank: int, world_size: int) -> range:
+    """Positions rank ``rank`` of ``world_size`` evaluates: ``rank, rank + world_size, ...``."""
+    return range(rank, num_samples, world_size)
+
+
+class EvalDataset(Dataset):
+    """The validation samples of one rank at their original size (see the module docstring).
+
+    Args:
+        split: the prepared split.
+        rank: this process's rank.
+        world_size: number of ranks.
+        pipeline: test transform; when given, each item also holds its ``views``.
+    """
+
+    def __init__(
+        self,
+        split: PreparedSplit,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        pipeline: TestPipeline | None = None,
+    ) -> None:
+        self.split = split
+        self.rank, self.world_size = resolve_distributed(rank, world_size)
+        self.pipeline = pipeline
+        self.positions = rank_positions(len(split), self.rank, self.world_size)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        """``key``, ``image`` ``(H, W, 3)`` uint8 BGR, ``label`` ``(H, W)`` uint8, ``meta``, maybe ``views``."""
+        record = self.split.record(self.positions[index])
+        image, label = record.decode()
+        item = {"key": record.key, "image": image, "label": label, "meta": record.meta}
+        if self.pipeline is not None:
+            item["views"] = self.pipeline.views(image)
+        return item
+
+
+def _keep(item: dict[str, Any]) -> dict[str, Any]:
+    return item
+
+
+def build_eval_loader(
+    root: str | Path,
+    *,
+    split: str = "val",
+    rank: int | None = None,
+    world_size: int | None = None,
+    num_workers: int = 0,
+    pipeline: TestPipeline | None = None,
+    verify: VerifyLevel = "size",
+) -> DataLoader:
+    """A ``DataLoader`` yielding this rank's validation items one by one (numpy arrays, not batched)."""
+    rank, world_size = resolve_distributed(rank, world_size)
+    dataset = EvalDataset(
+        PreparedDataset.open(root, verify=verify).split(split),
+        rank=rank,
+        world_size=world_size,
+        pipeline=pipeline,
+    )
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_keep,
+        worker_init_fn=_worker_init if num_workers > 0 else None,
+    )
