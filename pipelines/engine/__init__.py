@@ -1,0 +1,1 @@
+"""The training and evaluation system: optimisation, schedule, trainer, checkpoints, inference, metrics."""

@@ -1,0 +1,145 @@
+"""Single- and multi-scale evaluation exactly as the published numbers were measured (recipes.md 2.5).
+
+For every image: each test view of the config's pipeline (scales x flips) goes through sliding-window
+(or whole-image) inference; the averaged map is resized once to the original size and softmaxed
+(flipped views flipped back; the Mask2Former padded views cropped back first); the probabilities of
+all views are averaged; the argmax is the prediction, scored against the original-size label with
+the reference's metric, accumulated over the set and summed across ranks (each image counted once:
+the data room's evaluation reader gives each rank a disjoint share).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from data.eval_transforms import TestPipeline
+from models.config import SegmentorConfig
+from pipelines.engine.inference import slide_inference, to_probabilities, whole_inference
+from pipelines.engine.metrics import SegMetrics
+
+log = logging.getLogger(__name__)
+
+EvalPrecision = Literal["fp32", "bf16", "fp16"]
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """How to run inference.
+
+    Attributes:
+        mode: ``slide`` (the reference) or ``whole``.
+        crop, stride: slide windows.
+        batch_windows: windows per forward.
+        precision: ``fp32`` (the goldens), or autocast to ``bf16``/``fp16`` (the reference ran the
+            DeiT/AugReg-T/B configs under fp16 autocast, recipes.md 2.6).
+    """
+
+    mode: Literal["slide", "whole"]
+    crop: tuple[int, int]
+    stride: tuple[int, int]
+    batch_windows: int = 4
+    precision: EvalPrecision = "fp32"
+
+    @classmethod
+    def from_config(cls, config: SegmentorConfig, **overrides: Any) -> InferenceSettings:
+        eval_recipe = config.data.eval
+        values = {"mode": eval_recipe.mode, "crop": eval_recipe.crop_size, "stride": eval_recipe.stride}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def _autocast(device: torch.device, precision: EvalPrecision) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+@torch.no_grad()
+def predict_probabilities(
+    model: nn.Module,
+    image: np.ndarray,
+    pipeline: TestPipeline,
+    settings: InferenceSettings,
+    *,
+    num_classes: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """Class probabilities of one image averaged over the pipeline's views.
+
+    Args:
+        model: segmentor in eval mode whose ``forward`` gives (N, K, h/4, w/4) logits or scores.
+        image: (H, W, 3) uint8 BGR as read.
+        pipeline: the test transform (single- or multi-scale).
+        settings: inference settings.
+        num_classes: K.
+        device: where the model runs.
+
+    Returns:
+        (K, H, W) float32 probabilities on the CPU.
+    """
+    original = (int(image.shape[0]), int(image.shape[1]))
+    total: torch.Tensor | None = None
+    views = 0
+    for view in pipeline.iter_views(image):
+        img = torch.from_numpy(view.image)[None].to(device)
+        padded = tuple(view.image.shape[1:]) != view.img_shape
+        with _autocast(device, settings.precision):
+            if settings.mode == "slide":
+                scores = slide_inference(
+                    model,
+                    img,
+                    num_classes=num_classes,
+                    crop=settings.crop,
+                    stride=settings.stride,
+                    batch_windows=settings.batch_windows,
+                )
+            else:
+                scores = whole_inference(model, img)
+        probs = to_probabilities(
+            scores.float(), original, flipped=view.flip, valid_size=view.img_shape if padded else None
+        )
+        total = probs if total is None else total + probs
+        views += 1
+    if total is None:
+        raise ValueError("the test pipeline produced no view")
+    return (total / views)[0].cpu()
+
+
+def evaluate(
+    model: nn.Module,
+    items: Iterable[dict[str, Any]],
+    pipeline: TestPipeline,
+    settings: InferenceSettings,
+    *,
+    num_classes: int,
+    device: torch.device,
+    class_names: tuple[str, ...] | None = None,
+    total: int | None = None,
+    progress: bool = True,
+    distributed: bool = False,
+) -> dict[str, Any]:
+    """Metrics over ``items`` (``{"image": (H, W, 3) uint8 BGR, "label": (H, W) train ids, ...}``).
+
+    Returns:
+        ``aAcc``, ``mIoU``, ``mAcc`` in percent, ``num_images`` and ``per_class`` (see :class:`SegMetrics`).
+    """
+    model.eval()
+    metrics = SegMetrics(num_classes=num_classes, class_names=class_names)
+    for item in tqdm(items, total=total, disable=not progress, desc="evaluate", dynamic_ncols=True):
+        probs = predict_probabilities(
+            model, item["image"], pipeline, settings, num_classes=num_classes, device=device
+        )
+        pred = probs.argmax(dim=0).numpy()
+        metrics.update(pred, np.asarray(item["label"]))
+    if distributed:
+        metrics.all_reduce()
+    return metrics.compute()
