@@ -17,6 +17,9 @@ Every raw label map is turned into *train ids*: ``0 .. num_classes - 1`` for the
   ids, sorted, become 0..59 (mmsegmentation's ``pascal_context`` converter, which asserts that every pixel id
   is kept), then ``reduce_zero_label``: background 0 becomes 255, ``k`` becomes ``k - 1``.
   ``pascal_context_59`` is the converter's output (``SegmentationClassContext/*.png``, 0..59).
+  ``pascal_context_459_full`` reads the original release's ``trainval/*.mat`` LabelMaps, which annotate all
+  459 classes: the ids outside the kept list are background in the 59-class task and become 255 too (the
+  Detail API JSON, read with ``pascal_context_459``, holds the kept ids only, as the converter asserts).
 
 Differences from the reference converters, on purpose: a raw id outside the documented encoding (for example
 ADE20K 151, COCO-Stuff 182..254 or one of its eleven unused ids, a Pascal Context id that is not kept) is an
@@ -35,7 +38,12 @@ from data.class_names import ADE20K_CLASSES, COCO_STUFF_164K_CLASSES, PASCAL_CON
 DatasetName = Literal["ade20k", "coco_stuff164k", "pascal_context_59"]
 Split = Literal["train", "val"]
 LabelEncoding = Literal[
-    "ade20k_raw", "coco_stuff_raw", "coco_stuff_train_ids", "pascal_context_459", "pascal_context_59"
+    "ade20k_raw",
+    "coco_stuff_raw",
+    "coco_stuff_train_ids",
+    "pascal_context_459",
+    "pascal_context_459_full",
+    "pascal_context_59",
 ]
 
 DATASET_NAMES: tuple[DatasetName, ...] = ("ade20k", "coco_stuff164k", "pascal_context_59")
@@ -127,12 +135,16 @@ _COCO_HELP = (
 )
 _PASCAL_HELP = (
     "Pascal Context 59: download VOCtrainval_03-May-2010.tar from "
-    "http://host.robots.ox.ac.uk/pascal/VOC/voc2010/VOCtrainval_03-May-2010.tar and the PASCAL-Context "
-    "annotations trainval.tar.gz from https://cs.stanford.edu/~roozbeh/pascal-context/trainval.tar.gz; put "
-    "both archives in {raw} (or extract them there: {raw}/VOCdevkit/VOC2010/JPEGImages and {raw}/trainval/"
-    "*.mat). The split lists VOCdevkit/VOC2010/ImageSets/SegmentationContext/{train,val}.txt (as "
-    "mmsegmentation's converter writes them) are used when present, else VOC2010's ImageSets/Main lists. "
-    "Already converted label maps in VOCdevkit/VOC2010/SegmentationClassContext/*.png are also accepted."
+    "http://host.robots.ox.ac.uk/pascal/VOC/voc2010/VOCtrainval_03-May-2010.tar and put it in {raw} (or "
+    "extract it there: {raw}/VOCdevkit/VOC2010/JPEGImages). For the annotations, download the Detail API's "
+    "trainval_merged.json (what mmsegmentation's converter reads) from "
+    "https://codalabuser.blob.core.windows.net/public/trainval_merged.json and put it in "
+    "{raw}/VOCdevkit/VOC2010/ (mmsegmentation's layout) or directly in {raw}; or download the PASCAL-Context "
+    "trainval.tar.gz from https://cs.stanford.edu/~roozbeh/pascal-context/trainval.tar.gz and put it in {raw} "
+    "(or extract it there: {raw}/trainval/*.mat). When several are present the JSON is used first, then the "
+    ".mat files, then already converted label maps in VOCdevkit/VOC2010/SegmentationClassContext/*.png. "
+    "Splits: VOCdevkit/VOC2010/ImageSets/SegmentationContext/{train,val}.txt (as mmsegmentation's converter "
+    "writes them) when present, else the JSON's train and val image sets, else VOC2010's ImageSets/Main lists."
 )
 
 CATALOG: dict[str, DatasetInfo] = {
@@ -226,6 +238,15 @@ _LOOKUP_TABLES: dict[str, np.ndarray] = {
     "pascal_context_459": _lookup_table(
         PASCAL_CONTEXT_NUM_RAW_CLASSES + 1,
         {raw: _reduce_zero(index) for index, raw in enumerate(PASCAL_CONTEXT_KEPT_IDS)},
+    ),
+    # the original PASCAL-Context .mat LabelMaps annotate all 459 classes: in the 59-class task every id
+    # outside the kept list is background, which is ignored
+    "pascal_context_459_full": _lookup_table(
+        PASCAL_CONTEXT_NUM_RAW_CLASSES + 1,
+        {
+            **{raw: IGNORE_INDEX for raw in range(PASCAL_CONTEXT_NUM_RAW_CLASSES + 1)},
+            **{raw: _reduce_zero(index) for index, raw in enumerate(PASCAL_CONTEXT_KEPT_IDS)},
+        },
     ),
     "pascal_context_59": _lookup_table(
         256, {k: _reduce_zero(k) for k in range(len(PASCAL_CONTEXT_59_CLASSES) + 1)}

@@ -8,7 +8,12 @@ positions ``b * B .. (b + 1) * B - 1``. The augmentation of position ``t`` uses 
 ``(seed, t)``. The rank's stream is thus a pure function of ``(seed, rank, world_size, batch_size)``: loader
 workers only share the work (worker ``w`` of ``W`` builds batches ``start_step + w, start_step + w + W, ...``,
 and the torch ``DataLoader`` returns them in order), so each worker sees different samples, and the number of
-workers changes nothing. Resuming after ``k`` batches is ``start_step=k``. Batches: ``image`` float32
+workers changes nothing. Resuming after ``k`` batches is ``start_step=k``.
+
+Gradient accumulation (``micro_batches=M``): each step yields a list of ``M`` batches, micro-batch ``j`` of
+rank ``r`` being what rank ``r * M + j`` of ``R * M`` ranks would read. One process with ``M`` accumulation
+steps thus sees exactly the samples, grouped into the same batches (the same BatchNorm statistics), as ``M``
+processes without accumulation. Batches: ``image`` float32
 ``(B, 3, H, W)``, ``label`` int64 ``(B, H, W)``, ``keys``, and with ``to_mask`` the Mask2Former targets.
 
 Evaluation (:class:`EvalDataset`, :func:`build_eval_loader`): rank ``r`` of ``R`` reads positions
@@ -98,7 +103,8 @@ class TrainStream(IterableDataset):
         seed: base seed of the order and of the augmentations.
         rank: this process's rank.
         world_size: number of ranks.
-        start_step: batches this rank already consumed (resume point).
+        start_step: steps this rank already consumed (resume point).
+        micro_batches: batches per step (gradient accumulation); with more than one, each item is a list.
     """
 
     def __init__(
@@ -111,8 +117,11 @@ class TrainStream(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         start_step: int = 0,
+        micro_batches: int = 1,
     ) -> None:
         super().__init__()
+        if micro_batches < 1:
+            raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
         if batch_size < 1 or start_step < 0 or seed < 0:
             raise ValueError(
                 f"need batch_size >= 1, start_step >= 0 and seed >= 0, got {batch_size}, {start_step} and {seed}"
@@ -125,15 +134,22 @@ class TrainStream(IterableDataset):
         self.seed = seed
         self.rank, self.world_size = resolve_distributed(rank, world_size)
         self.start_step = start_step
+        self.micro_batches = micro_batches
 
-    def batch_positions(self, step: int) -> list[int]:
-        """Global positions of this rank's batch ``step``."""
+    def batch_positions(self, step: int, micro: int = 0) -> list[int]:
+        """Global positions of micro-batch ``micro`` of this rank's step ``step``."""
         first = step * self.batch_size
-        return [self.rank + j * self.world_size for j in range(first, first + self.batch_size)]
+        virtual_rank = self.rank * self.micro_batches + micro
+        virtual_world = self.world_size * self.micro_batches
+        return [virtual_rank + j * virtual_world for j in range(first, first + self.batch_size)]
 
-    def batch(self, step: int) -> dict[str, Any]:
-        """This rank's batch ``step``, collated (see :func:`collate_train`)."""
-        return collate_train([self.sample(t) for t in self.batch_positions(step)])
+    def batch(self, step: int, micro: int = 0) -> dict[str, Any]:
+        """Micro-batch ``micro`` of this rank's step ``step``, collated (see :func:`collate_train`)."""
+        return collate_train([self.sample(t) for t in self.batch_positions(step, micro)])
+
+    def step_batches(self, step: int) -> list[dict[str, Any]]:
+        """The ``micro_batches`` batches of step ``step``."""
+        return [self.batch(step, micro) for micro in range(self.micro_batches)]
 
     def sample(self, position: int) -> dict[str, Any]:
         """Read, decode and augment the sample at global position ``position``."""
@@ -149,7 +165,7 @@ class TrainStream(IterableDataset):
         # The DataLoader asks workers in turn, starting with worker 0, so batches come back in step order.
         step = self.start_step + worker
         while True:
-            yield self.batch(step)
+            yield self.batch(step) if self.micro_batches == 1 else self.step_batches(step)
             step += num_workers
 
 
@@ -170,6 +186,7 @@ def build_train_loader(
     world_size: int | None = None,
     num_workers: int = 2,
     start_step: int = 0,
+    micro_batches: int = 1,
     pin_memory: bool = False,
     verify: VerifyLevel = "size",
 ) -> DataLoader:
@@ -184,7 +201,8 @@ def build_train_loader(
         rank: rank (default: torch.distributed's, or 0).
         world_size: number of ranks (default: torch.distributed's, or 1).
         num_workers: loader processes (0: in this process).
-        start_step: batches already consumed by this rank (resume).
+        start_step: steps already consumed by this rank (resume).
+        micro_batches: batches per step (gradient accumulation); each item is then a list of batches.
         pin_memory: pin batches for faster host-to-GPU copies.
         verify: how the shard folder is checked when opened.
     """
@@ -198,6 +216,7 @@ def build_train_loader(
         rank=rank,
         world_size=world_size,
         start_step=start_step,
+        micro_batches=micro_batches,
     )
     return DataLoader(
         stream,

@@ -8,7 +8,8 @@ converts its label map to train ids.
 
 Images are decoded as the reference's ``LoadImageFromFile`` does (OpenCV, colour, BGR uint8); label maps as
 its ``LoadAnnotations`` does (Pillow, values unchanged: palette indices for palette PNGs), ``.mat`` files with
-scipy (``LabelMap``).
+scipy (``LabelMap``), and the Detail API's ``trainval_merged.json`` as its ``getMask`` does
+(:mod:`data.pascal_detail`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,13 @@ import scipy.io
 from PIL import Image
 
 from data.catalog import SPLITS, DatasetName, LabelEncoding, LabelError, Split, get_dataset, to_train_ids
+from data.pascal_detail import (
+    DETAIL_JSON,
+    DetailAnnotations,
+    DetailFormatError,
+    find_detail_json,
+    load_detail_annotations,
+)
 from data.sources import SourceSpec, archive_kind, open_source
 
 log = logging.getLogger(__name__)
@@ -72,7 +80,8 @@ class RawSample:
         key: sample name (the image file stem), unique within the dataset.
         split: ``train`` or ``val``.
         image: the image file (JPEG).
-        label: the label map file (PNG or ``.mat``).
+        label: the label map file (PNG or ``.mat``), or the ``trainval_merged.json`` holding the sample's
+            annotations (the image is then ``key``).
         encoding: raw encoding of the label map.
     """
 
@@ -155,17 +164,19 @@ def load_sample(sample: RawSample) -> LoadedSample:
         CorruptFileError: an unreadable or missing file, or image and label of different sizes.
         LabelError: a label id outside the sample's encoding.
     """
+    from_json = is_detail_json(sample.label)
     try:
         image_bytes = sample.image.read()
-        label_bytes = sample.label.read()
+        label_bytes = b"" if from_json else sample.label.read()
     except FileNotFoundError as err:
         raise CorruptFileError(str(err)) from err
     image = decode_image(image_bytes, source=sample.image.describe())
-    label_source = sample.label.describe()
-    if sample.label.name.endswith(".mat"):
-        raw = decode_label_mat(label_bytes, source=label_source)
+    if from_json:
+        label_source = f"{sample.label.describe()} (image {sample.key})"
+        raw = _detail_label_map(sample.label, sample.key)
     else:
-        raw = decode_label_image(label_bytes, source=label_source)
+        label_source = sample.label.describe()
+        raw = _decode_label_file(label_bytes, sample.label.name, source=label_source)
     if raw.shape != image.shape[:2]:
         raise CorruptFileError(
             f"{label_source}: label map size {raw.shape} differs from image size {image.shape[:2]} "
@@ -173,6 +184,25 @@ def load_sample(sample: RawSample) -> LoadedSample:
         )
     label = to_train_ids(raw, sample.encoding, source=label_source)
     return LoadedSample(sample=sample, image_bytes=image_bytes, image=image, label=label)
+
+
+def is_detail_json(label: FileRef) -> bool:
+    """Whether ``label`` is a Detail API annotation file (rather than one label map)."""
+    return label.name.endswith(".json")
+
+
+def _detail_label_map(label: FileRef, key: str) -> np.ndarray:
+    """The 459-class map of image ``key`` in the Detail API file ``label`` (errors as corrupt files)."""
+    try:
+        return load_detail_annotations(label.source, label.name).label_map(key)
+    except (FileNotFoundError, DetailFormatError) as err:
+        raise CorruptFileError(str(err)) from err
+
+
+def _decode_label_file(data: bytes, name: str, *, source: str) -> np.ndarray:
+    if name.endswith(".mat"):
+        return decode_label_mat(data, source=source)
+    return decode_label_image(data, source=source)
 
 
 def _candidate(path: Path, prefix: str = "") -> SourceSpec | None:
@@ -289,11 +319,17 @@ PASCAL_CONTEXT_SPLIT_FOLDER = "ImageSets/SegmentationContext"
 VOC_MAIN_SPLIT_FOLDER = "ImageSets/Main"
 
 
-def _pascal_split_ids(voc: SourceSpec, split: Split, annotated: set[str]) -> list[str]:
+def _pascal_split_ids(
+    voc: SourceSpec, split: Split, annotated: set[str], detail: DetailAnnotations | None
+) -> list[str]:
+    """Split membership: the SegmentationContext list, else the Detail API's image set, else VOC's Main list."""
     source = open_source(voc)
     context_list = f"{PASCAL_CONTEXT_SPLIT_FOLDER}/{split}.txt"
     if source.exists(context_list):
         return sorted(set(source.read(context_list).decode().split()))
+    if detail is not None:
+        # What mmsegmentation's converter writes into that list: the images of the JSON's phase.
+        return detail.keys_in_phase(split)
     main_list = f"{VOC_MAIN_SPLIT_FOLDER}/{split}.txt"
     if not source.exists(main_list):
         raise DatasetNotFoundError(
@@ -311,7 +347,28 @@ def _pascal_split_ids(voc: SourceSpec, split: Split, annotated: set[str]) -> lis
     return ids
 
 
+def _pascal_detail(raw: Path, voc: SourceSpec) -> tuple[SourceSpec | None, DetailAnnotations | None]:
+    """The Detail API's ``trainval_merged.json``, parsed, where mmsegmentation's docs put it or beside VOCdevkit."""
+    spec = find_detail_json(
+        [voc, _candidate(raw / "VOCdevkit" / "VOC2010"), _candidate(raw / "VOCdevkit"), _candidate(raw)]
+    )
+    if spec is None:
+        return None, None
+    try:
+        return spec, load_detail_annotations(spec, DETAIL_JSON)
+    except DetailFormatError as err:
+        raise CorruptFileError(str(err)) from err
+
+
 def _pascal_samples(raw: Path, split: Split) -> list[RawSample]:
+    """Pascal Context samples of ``split``.
+
+    Label sources, in this order of precedence (per image, the first that annotates it): the Detail API's
+    ``trainval_merged.json`` (what mmsegmentation's converter reads), the PASCAL-Context ``trainval/*.mat``
+    files, mmsegmentation's converted ``SegmentationClassContext/*.png``. Split membership: the
+    ``ImageSets/SegmentationContext`` lists when present, else the JSON's image sets (``phase``), else VOC's
+    ``ImageSets/Main`` lists restricted to annotated images.
+    """
     voc = _first_with(
         [
             _candidate(raw / "VOCdevkit" / "VOC2010"),
@@ -323,6 +380,7 @@ def _pascal_samples(raw: Path, split: Split) -> list[RawSample]:
     )
     if voc is None:
         raise _missing("pascal_context_59", raw, "VOCdevkit/VOC2010/JPEGImages")
+    detail_root, detail = _pascal_detail(raw, voc)
     mat_root = _first_with(
         [
             _candidate(raw),
@@ -333,16 +391,23 @@ def _pascal_samples(raw: Path, split: Split) -> list[RawSample]:
     )
     mats = _stems(open_source(mat_root).list(PASCAL_CONTEXT_MAT_FOLDER), ".mat") if mat_root else {}
     pngs = _stems(open_source(voc).list(PASCAL_CONTEXT_PNG_FOLDER), ".png")
-    if not mats and not pngs:
-        raise _missing("pascal_context_59", raw, "the PASCAL-Context annotations (trainval/*.mat)")
+    in_json = set(detail.images) if detail is not None else set()
+    if not in_json and not mats and not pngs:
+        raise _missing(
+            "pascal_context_59", raw, f"the PASCAL-Context annotations ({DETAIL_JSON} or trainval/*.mat)"
+        )
     images = _stems(open_source(voc).list("JPEGImages"), ".jpg")
     samples = []
-    for image_id in _pascal_split_ids(voc, split, set(mats) | set(pngs)):
+    for image_id in _pascal_split_ids(voc, split, in_json | set(mats) | set(pngs), detail):
         image = FileRef(voc, images.get(image_id, f"JPEGImages/{image_id}.jpg"))
-        if image_id in mats or not pngs:
-            label_root = mat_root or voc
-            label = FileRef(label_root, mats.get(image_id, f"{PASCAL_CONTEXT_MAT_FOLDER}/{image_id}.mat"))
-            encoding: LabelEncoding = "pascal_context_459"
+        encoding: LabelEncoding = "pascal_context_459"
+        if detail_root is not None and (image_id in in_json or not (mats or pngs)):
+            label = FileRef(detail_root, DETAIL_JSON)  # an image missing from it is reported when loaded
+        elif image_id in mats or not pngs:
+            label = FileRef(
+                mat_root or voc, mats.get(image_id, f"{PASCAL_CONTEXT_MAT_FOLDER}/{image_id}.mat")
+            )
+            encoding = "pascal_context_459_full"
         else:
             label = FileRef(voc, pngs.get(image_id, f"{PASCAL_CONTEXT_PNG_FOLDER}/{image_id}.png"))
             encoding = "pascal_context_59"

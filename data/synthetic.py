@@ -8,9 +8,13 @@ loaders run unchanged on it (tests, demo, benchmarks):
 * ``coco_stuff164k``: mmsegmentation's layout of the extracted zips, ``images/{train2017,val2017}/%012d.jpg``
   and ``annotations/{train2017,val2017}/%012d.png`` holding stuffthingmaps ids (0..181 without the unused
   ids, 255 unlabeled).
-* ``pascal_context_59``: ``VOCdevkit/VOC2010/JPEGImages/<id>.jpg``, the PASCAL-Context ``trainval/<id>.mat``
-  files with a uint16 ``LabelMap`` of 459-class ids (only kept ids, 0 background), and the split lists
-  ``VOCdevkit/VOC2010/ImageSets/SegmentationContext/{train,val}.txt``.
+* ``pascal_context_59``: ``VOCdevkit/VOC2010/JPEGImages/<id>.jpg`` and, with ``label_format="mat"`` (the
+  default), the PASCAL-Context ``trainval/<id>.mat`` files with a uint16 ``LabelMap`` of 459-class ids (only
+  kept ids, 0 background) and the split lists ``VOCdevkit/VOC2010/ImageSets/SegmentationContext/
+  {train,val}.txt``; with ``label_format="detail_json"``, the Detail API's
+  ``VOCdevkit/VOC2010/trainval_merged.json`` instead (images with their ``phase``, one run-length encoded
+  region annotation per painted layer of the scene, in painting order, see :mod:`data.pascal_detail`) and no
+  split lists, as downloaded. Both formats give the same images and labels for the same seed.
 
 Scenes are learnable: a background region and several shapes (rectangles, ellipses, triangles), each of one
 class, and every class has its own fixed appearance (a colour and an oriented stripe texture that depend on the
@@ -21,11 +25,13 @@ unlabeled / background), which becomes ignore (255). Everything is deterministic
 from __future__ import annotations
 
 import io
+import json
 import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 import cv2
 import numpy as np
@@ -34,6 +40,8 @@ from tqdm import tqdm
 
 from data.atomic import atomic_directory
 from data.catalog import IGNORE_INDEX, DatasetName, get_dataset, raw_ids_of_train_ids
+from data.class_names import PASCAL_CONTEXT_59_CLASSES
+from data.pascal_detail import DETAIL_JSON, encode_rle
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +56,9 @@ MAX_SHAPE_FRACTION = 0.6
 MAT_HEADER_TEXT_BYTES = 116
 MAT_HEADER_TEXT = b"MATLAB 5.0 MAT-file, written by the vitadapter synthetic twin"
 SPLIT_SALT = {"train": 0, "val": 1}
+PascalLabelFormat = Literal["mat", "detail_json"]
+PASCAL_LABEL_FORMATS: tuple[PascalLabelFormat, ...] = ("mat", "detail_json")
+VOC_FOLDER = "VOCdevkit/VOC2010"
 
 
 @dataclass(frozen=True)
@@ -101,8 +112,27 @@ def _draw_shape(canvas: np.ndarray, value: int, rng: np.random.Generator) -> Non
         cv2.fillPoly(canvas, [points.astype(np.int32)], value)
 
 
+def _paint_shape(
+    label: np.ndarray, value: int, rng: np.random.Generator, layers: list[tuple[int, np.ndarray]] | None
+) -> None:
+    """Draw one shape of ``value`` into ``label``; record its full (unoccluded) mask in ``layers``."""
+    if layers is None:
+        _draw_shape(label, value, rng)
+        return
+    mask = np.zeros(label.shape, dtype=np.uint8)
+    _draw_shape(mask, 1, rng)  # same random draws and pixels as drawing into ``label`` directly
+    label[mask == 1] = value
+    layers.append((value, mask == 1))
+
+
 def make_scene(
-    height: int, width: int, train_ids: Sequence[int], rng: np.random.Generator, *, max_shapes: int = 6
+    height: int,
+    width: int,
+    train_ids: Sequence[int],
+    rng: np.random.Generator,
+    *,
+    max_shapes: int = 6,
+    layers: list[tuple[int, np.ndarray]] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Draw one scene.
 
@@ -112,15 +142,20 @@ def make_scene(
         train_ids: classes to draw from (train ids).
         rng: random generator (consumed).
         max_shapes: most shapes drawn over the background.
+        layers: when given, receives ``(train id, (H, W) bool mask)`` of each painted layer (the background,
+            then every shape, 255 for the unlabelled one) in painting order; the result does not change.
 
     Returns:
         ``(image (H, W, 3) uint8 BGR, label (H, W) uint8 train ids with 255 for unlabelled pixels)``.
     """
-    label = np.full((height, width), train_ids[int(rng.integers(0, len(train_ids)))], dtype=np.uint8)
+    background = int(train_ids[int(rng.integers(0, len(train_ids)))])
+    label = np.full((height, width), background, dtype=np.uint8)
+    if layers is not None:
+        layers.append((background, np.ones((height, width), dtype=bool)))
     for _ in range(int(rng.integers(2, max(max_shapes, 2) + 1))):
-        _draw_shape(label, int(train_ids[int(rng.integers(0, len(train_ids)))]), rng)
+        _paint_shape(label, int(train_ids[int(rng.integers(0, len(train_ids)))]), rng, layers)
     if rng.random() < IGNORE_REGION_PROBABILITY:
-        _draw_shape(label, IGNORE_INDEX, rng)
+        _paint_shape(label, IGNORE_INDEX, rng, layers)
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
     image = np.empty((height, width, 3), dtype=np.float32)
     image[:] = 127.0  # unlabelled regions stay grey (plus noise)
@@ -159,6 +194,78 @@ def encode_label_mat(raw: np.ndarray) -> bytes:
     data = bytearray(buffer.getvalue())
     data[:MAT_HEADER_TEXT_BYTES] = MAT_HEADER_TEXT.ljust(MAT_HEADER_TEXT_BYTES, b" ")
     return bytes(data)
+
+
+def _mask_bbox(mask: np.ndarray) -> list[int]:
+    """COCO ``[x, y, width, height]`` of a non-empty mask."""
+    ys, xs = np.nonzero(mask)
+    x0, y0 = int(xs.min()), int(ys.min())
+    return [x0, y0, int(xs.max()) - x0 + 1, int(ys.max()) - y0 + 1]
+
+
+class _DetailJsonWriter:
+    """Collects a twin's images and layers into the Detail API's ``trainval_merged.json``."""
+
+    def __init__(self, to_raw: np.ndarray) -> None:
+        self._to_raw = to_raw
+        self.images: list[dict[str, Any]] = []
+        self.annotations: list[dict[str, Any]] = []
+
+    def add(self, key: str, phase: str, label: np.ndarray, layers: list[tuple[int, np.ndarray]]) -> None:
+        """Add image ``key`` whose painted ``layers`` (train ids, in order) make ``label``.
+
+        Each labelled layer becomes one annotation of its full mask minus the pixels left unlabelled in the
+        end (no annotation may cover them: ``getMask`` would paint them), so that painting the annotations in
+        order, later over earlier, gives back ``label`` exactly, overlaps included.
+        """
+        height, width = label.shape
+        image_id = int(key.replace("_", ""))
+        self.images.append(
+            {
+                "image_id": image_id,
+                "file_name": f"{key}.jpg",
+                "height": height,
+                "width": width,
+                "phase": phase,
+            }
+        )
+        unlabelled = label == IGNORE_INDEX
+        for train_id, layer in layers:
+            if train_id == IGNORE_INDEX:
+                continue
+            mask = layer & ~unlabelled
+            if not mask.any():
+                continue
+            self.annotations.append(
+                {
+                    "id": len(self.annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": int(self._to_raw[train_id]),
+                    "segmentation": encode_rle(mask),
+                    "area": int(mask.sum()),
+                    "bbox": _mask_bbox(mask),
+                    "iscrowd": 0,
+                    "parts": [],
+                }
+            )
+
+    def to_bytes(self) -> bytes:
+        """The JSON file (deterministic: fixed key order, no timestamps)."""
+        kept = raw_ids_of_train_ids("pascal_context_459", list(range(len(PASCAL_CONTEXT_59_CLASSES))))
+        content = {
+            "info": {"description": "synthetic twin of the PASCAL-Context trainval_merged.json (vitadapter)"},
+            "images": sorted(self.images, key=lambda image: image["image_id"]),
+            "categories": [
+                {"category_id": raw_id, "name": name, "parts": []}
+                for raw_id, name in zip(kept, PASCAL_CONTEXT_59_CLASSES, strict=True)
+            ],
+            "parts": [],
+            "annos_segmentation": self.annotations,
+            "annos_occlusion": [],
+            "annos_boundary": [],
+            "annos_joints": [],
+        }
+        return json.dumps(content, separators=(",", ":")).encode()
 
 
 def _raw_lookup(dataset: DatasetName, train_ids: Sequence[int]) -> np.ndarray:
@@ -220,6 +327,7 @@ def synthesize(
     classes: Sequence[int] | None = None,
     num_classes_used: int | None = None,
     max_shapes: int = 6,
+    label_format: PascalLabelFormat = "mat",
 ) -> TwinReport:
     """Write a synthetic twin of ``dataset`` into ``out`` (replaced atomically).
 
@@ -234,6 +342,9 @@ def synthesize(
         classes: train ids that may appear (default: see ``num_classes_used``).
         num_classes_used: use train ids ``0 .. num_classes_used - 1`` (default: all classes).
         max_shapes: most shapes per scene.
+        label_format: Pascal Context only: ``mat`` (PASCAL-Context ``trainval/*.mat`` and the
+            SegmentationContext split lists) or ``detail_json`` (the Detail API's ``trainval_merged.json``,
+            splits as its image sets).
 
     Returns:
         A :class:`TwinReport`.
@@ -243,8 +354,13 @@ def synthesize(
         raise ValueError(f"num_train and num_val must be >= 1, got {num_train} and {num_val}")
     if not 8 <= min_size <= max_size:
         raise ValueError(f"need 8 <= min_size <= max_size, got {min_size} and {max_size}")
+    if label_format not in PASCAL_LABEL_FORMATS:
+        raise ValueError(f"label_format must be one of {PASCAL_LABEL_FORMATS}, got {label_format!r}")
+    if label_format != "mat" and dataset != "pascal_context_59":
+        raise ValueError(f"label_format {label_format!r} exists for pascal_context_59 only, not {dataset}")
     train_ids = resolve_train_ids(dataset, classes, num_classes_used)
     to_raw = _raw_lookup(dataset, train_ids)
+    detail = _DetailJsonWriter(to_raw) if label_format == "detail_json" else None
     out = Path(out)
     counts = {"train": num_train, "val": num_val}
     with atomic_directory(out) as staging:
@@ -252,19 +368,26 @@ def synthesize(
             for index in tqdm(range(count), desc=f"twin {dataset} {split}", unit="img"):
                 rng = np.random.default_rng([seed, SPLIT_SALT[split], index])
                 height, width = (int(v) for v in rng.integers(min_size, max_size + 1, size=2))
-                image, label = make_scene(height, width, train_ids, rng, max_shapes=max_shapes)
+                layers: list[tuple[int, np.ndarray]] | None = [] if detail is not None else None
+                image, label = make_scene(height, width, train_ids, rng, max_shapes=max_shapes, layers=layers)
                 raw = to_raw[label]
-                _, image_name, label_name = _names(dataset, split, index)
+                key, image_name, label_name = _names(dataset, split, index)
                 (staging / image_name).parent.mkdir(parents=True, exist_ok=True)
-                (staging / label_name).parent.mkdir(parents=True, exist_ok=True)
                 (staging / image_name).write_bytes(_encode_jpeg(image))
+                if detail is not None:
+                    assert layers is not None  # collected whenever the JSON is written
+                    detail.add(key, split, label, layers)
+                    continue
+                (staging / label_name).parent.mkdir(parents=True, exist_ok=True)
                 if dataset == "pascal_context_59":
                     (staging / label_name).write_bytes(encode_label_mat(raw))
                 else:
                     (staging / label_name).write_bytes(_encode_png(raw.astype(np.uint8)))
-            if dataset == "pascal_context_59":
-                split_list = staging / "VOCdevkit/VOC2010/ImageSets/SegmentationContext" / f"{split}.txt"
+            if dataset == "pascal_context_59" and detail is None:
+                split_list = staging / VOC_FOLDER / "ImageSets/SegmentationContext" / f"{split}.txt"
                 split_list.parent.mkdir(parents=True, exist_ok=True)
                 split_list.write_text("".join(f"{_names(dataset, split, i)[0]}\n" for i in range(count)))
+        if detail is not None:
+            (staging / VOC_FOLDER / DETAIL_JSON).write_bytes(detail.to_bytes())
     log.info("wrote a %s twin (%s) to %s", info.title, counts, out)
     return TwinReport(root=out, dataset=dataset, counts=counts, train_ids=train_ids)

@@ -46,6 +46,7 @@ def _synthesize(args: argparse.Namespace) -> int:
         classes=classes,
         num_classes_used=args.num_classes_used,
         max_shapes=args.max_shapes,
+        label_format=args.label_format,
     )
     log.info(
         "synthetic %s twin in %s: %s, %d classes; prepare it with "
@@ -143,6 +144,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     synth.add_argument("--classes", default=None, help="comma-separated train ids to draw from (overrides N)")
     synth.add_argument("--max-shapes", type=int, default=6, help="most shapes per scene (default 6)")
+    synth.add_argument(
+        "--label-format",
+        choices=("mat", "detail_json"),
+        default="mat",
+        help="pascal_context_59 only: PASCAL-Context trainval/*.mat files (default) or the Detail API's "
+        "trainval_merged.json",
+    )
     synth.set_defaults(func=_synthesize)
 
     prepare = actions.add_parser(

@@ -86,16 +86,25 @@ def test_out_of_range_label_names_the_file(ade_twin_copy: Path, tmp_path: Path) 
     assert [s["key"] for s in report.index.splits["train"].skipped] == ["ADE_train_00000003"]
 
 
-def test_pascal_id_outside_the_kept_list_is_an_error(twins: dict, tmp_path: Path) -> None:
+def test_pascal_mat_ids_outside_the_kept_list_are_ignored_and_beyond_459_an_error(
+    twins: dict, tmp_path: Path
+) -> None:
+    """The original .mat LabelMaps annotate all 459 classes: the non-59 ones are background (ignored)."""
     root = tmp_path / "pascal"
     shutil.copytree(twins["pascal_context_59"].root, root)
     mat = root / "trainval" / "2008_000002.mat"
-    from data.readers import decode_label_mat
+    from data.readers import decode_label_mat, find_samples, load_sample
 
     raw = decode_label_mat(mat.read_bytes(), source=str(mat))
     raw[1, 1] = 3  # "air conditioner": not one of the 59 classes
+    raw[1, 2] = 2  # "aeroplane": class 0
     mat.write_bytes(encode_label_mat(raw))
-    with pytest.raises(LabelError, match=r"2008_000002.mat.*\[3\]"):
+    sample = next(s for s in find_samples("pascal_context_59", root, "train") if s.key == "2008_000002")
+    label = load_sample(sample).label
+    assert (label[1, 1], label[1, 2]) == (255, 0)
+    raw[1, 1] = 460  # beyond the 459 classes
+    mat.write_bytes(encode_label_mat(raw))
+    with pytest.raises(LabelError, match=r"2008_000002.mat.*\[460\]"):
         prepare_dataset("pascal_context_59", root, tmp_path / "out")
 
 

@@ -47,7 +47,7 @@ def test_round_trip_bytes_and_labels(twins: dict, prepared: dict, dataset: str) 
             assert (record.meta["height"], record.meta["width"]) == expected.shape
             assert record.meta["image_file"] == sample.image.name
             assert record.meta["label_file"] == sample.label.name
-            assert record.meta["label_encoding"] == get_dataset(dataset).raw_encoding
+            assert record.meta["label_encoding"] == sample.encoding
             image, decoded_label = record.decode()
             assert image.shape == (*expected.shape, 3) and image.dtype == np.uint8
             np.testing.assert_array_equal(decoded_label, expected)
