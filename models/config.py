@@ -341,7 +341,11 @@ def _field_types(cls: type) -> dict[str, Any]:
 
 
 def _replace_in(obj: Any, key: str, value: Any, path: str) -> tuple[Any, list[str]]:
-    """Replace field ``key`` wherever it occurs under dataclass ``obj``; returns (new obj, paths set)."""
+    """Set field ``key`` wherever it occurs under dataclass ``obj``; returns (new obj, paths set).
+
+    A dataclass-valued field (a section) takes a dict, applied field by field inside it; a section is
+    never replaced by a plain value.
+    """
     if not dataclasses.is_dataclass(obj):
         return obj, []
     hints = _field_types(type(obj))
@@ -350,7 +354,17 @@ def _replace_in(obj: Any, key: str, value: Any, path: str) -> tuple[Any, list[st
     for f in dataclasses.fields(obj):
         current = getattr(obj, f.name)
         where = f"{path}.{f.name}" if path else f.name
-        if f.name == key:
+        if f.name == key and dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ValueError(f"override {where}={value!r}: {where} is a section; give a dict of its fields")
+            section = current
+            for sub_key, sub_value in value.items():
+                section, sub_hits = _replace_in(section, sub_key, sub_value, where)
+                if not sub_hits:
+                    raise ValueError(f"unknown override {where}.{sub_key}")
+                hits.extend(sub_hits)
+            changes[f.name] = section
+        elif f.name == key:
             changes[f.name] = _coerce(value, hints[f.name], where)
             hits.append(where)
         elif dataclasses.is_dataclass(current):
@@ -361,19 +375,14 @@ def _replace_in(obj: Any, key: str, value: Any, path: str) -> tuple[Any, list[st
     return (dataclasses.replace(obj, **changes) if changes else obj), hits
 
 
-def _is_section(obj: Any, key: str) -> bool:
-    return any(
-        f.name == key and dataclasses.is_dataclass(getattr(obj, f.name)) for f in dataclasses.fields(obj)
-    )
-
-
 def apply_overrides(config: SegmentorConfig, **overrides: Any) -> SegmentorConfig:
     """Return ``config`` with overrides applied.
 
     Args:
         config: the zoo entry.
-        **overrides: ``name=value`` sets field ``name`` wherever it exists in the config tree;
-            ``section={...}`` (a dataclass-valued field such as ``decode_head`` or ``backbone``)
+        **overrides: ``name=value`` sets field ``name`` wherever it exists in the config tree (e.g.
+            ``embed_dim=64``, ``crop_size=(64, 64)`` sets the train and eval crops); ``section={...}``
+            (a dataclass-valued field at any depth, e.g. ``decode_head``, ``trunk`` or ``eval``)
             applies the dict inside that section only. Changing ``depth`` without giving
             ``interaction_indexes`` re-derives 4 equal interactions.
 
@@ -381,26 +390,14 @@ def apply_overrides(config: SegmentorConfig, **overrides: Any) -> SegmentorConfi
         ValueError: an unknown field name or a value of the wrong type, naming it.
     """
     result: Any = config
-    depth_changed = False
-    explicit_indexes = "interaction_indexes" in overrides
     for key, value in overrides.items():
-        if isinstance(value, dict) and _is_section(result, key):
-            section = getattr(result, key)
-            for sub_key, sub_value in value.items():
-                section, hits = _replace_in(section, sub_key, sub_value, key)
-                if not hits:
-                    raise ValueError(f"unknown override {key}.{sub_key} for config {config.name!r}")
-                depth_changed |= sub_key == "depth"
-                explicit_indexes |= sub_key == "interaction_indexes"
-            result = dataclasses.replace(result, **{key: section})
-            continue
         result, hits = _replace_in(result, key, value, "")
         if not hits:
             raise ValueError(
                 f"unknown override {key!r} for config {config.name!r}; known fields: {sorted(_all_fields(config))}"
             )
-        depth_changed |= key == "depth"
-    if depth_changed and not explicit_indexes:
+    touched = {k for k in overrides} | {k for v in overrides.values() if isinstance(v, dict) for k in v}
+    if "depth" in touched and "interaction_indexes" not in touched:
         backbone = result.backbone
         adapter = dataclasses.replace(
             backbone.adapter, interaction_indexes=even_interaction_indexes(backbone.trunk.depth)

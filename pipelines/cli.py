@@ -17,6 +17,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "pipelines.commands.configs",
     "pipelines.commands.checkpoint",
     "pipelines.commands.data",
+    "pipelines.commands.train",
+    "pipelines.commands.evaluate",
 )
 
 log = logging.getLogger("vitadapter")

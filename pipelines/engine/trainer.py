@@ -1,7 +1,10 @@
 """Iteration-based trainer with the reference recipe (recipes.md 2.3, 2.6).
 
 * The recipe's global batch (16) is kept whatever the number of processes: per-process batch x
-  processes x gradient-accumulation steps; a loud warning when it cannot be matched exactly.
+  processes x gradient-accumulation steps; a loud warning when it cannot be matched exactly. The
+  accumulation slots of one process read what the ranks of a larger run would read (the data
+  stream's virtual ranks), so the split of the global batch does not change the samples or the
+  BatchNorm groups.
 * fp32 by default like the reference; bf16 autocast, or fp16 autocast with loss scaling, as options.
 * DDP through ``torchrun`` (gloo on CPU, NCCL on CUDA), BatchNorm converted to SyncBatchNorm on CUDA.
 * Each iteration sets every group's lr by the poly + warmup rule before the step.
@@ -14,6 +17,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import random
@@ -32,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from models.config import SegmentorConfig
-from pipelines.engine.checkpoints import CheckpointManager
+from pipelines.engine.checkpoints import CheckpointManager, write_text_atomic
 from pipelines.engine.distributed import DistInfo, reduce_mean
 from pipelines.engine.optim import build_optimizer
 from pipelines.engine.schedule import apply_lr
@@ -42,6 +46,7 @@ log = logging.getLogger(__name__)
 Precision = Literal["fp32", "bf16", "fp16"]
 FP16_INIT_SCALE = 512.0  # the fp16 key of the DeiT/AugReg configs (loss_scale init_scale 512)
 CHECKPOINT_FORMAT = "vitadapter-train"
+TRAIN_LOG = "train_log.jsonl"
 
 
 class TrainingInterruptedError(RuntimeError):
@@ -133,7 +138,19 @@ def plan_batch(config: SegmentorConfig, settings: TrainSettings, world_size: int
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """RNG states as tensors and plain values (a weights-only load accepts them)."""
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [
+            name,
+            torch.from_numpy(keys.astype(np.int64)),
+            int(position),
+            int(has_gauss),
+            float(cached),
+        ],
+        "python": random.getstate(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -141,10 +158,24 @@ def _rng_state() -> dict[str, Any]:
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    name, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def micro_batch_seed(seed: int, iteration: int, virtual_rank: int) -> int:
+    """Seed of the random ops (dropout, drop path) of one micro-batch.
+
+    A function of (seed, iteration, virtual rank) only, where the virtual rank of accumulation slot k
+    of rank r is ``r * accumulation + k``: the same micro-batch gets the same randomness whether it
+    runs on its own process or as an accumulation slot, and a resumed run repeats it exactly.
+    """
+    return int(
+        np.random.SeedSequence([seed, iteration, virtual_rank]).generate_state(1, dtype=np.uint64)[0] >> 1
+    )
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -161,8 +192,10 @@ class Trainer:
         config: its zoo entry (optimizer, schedule, batch layout).
         settings: run-level knobs.
         dist_info: process placement from :func:`pipelines.engine.distributed.init_distributed`.
-        train_batches: ``start_micro_step -> iterator`` of batches ``{"image": (B, 3, H, W) float,
-            "label": (B, H, W) int64}`` for this process; a pure function of the micro-step.
+        train_batches: ``(start_step, batch_size, micro_batches) -> iterator`` over steps, each item the
+            ``micro_batches`` batches ``{"image": (B, 3, H, W) float, "label": (B, H, W) int64}`` of one
+            step for this process (a list, or one dict when ``micro_batches`` is 1); a pure function
+            of the step, so resuming is exact.
         evaluate: ``(model) -> metrics`` with at least ``mIoU``, run on every process (it all-reduces).
         callbacks: reporting hooks (called on rank 0).
         extra_state: JSON-able facts stored in every checkpoint (config name, overrides, ...).
@@ -174,7 +207,7 @@ class Trainer:
         config: SegmentorConfig,
         settings: TrainSettings,
         dist_info: DistInfo,
-        train_batches: Callable[[int, int], Iterator[dict[str, Any]]],
+        train_batches: Callable[[int, int, int], Iterator[Any]],
         *,
         evaluate: Callable[[nn.Module], dict[str, Any]] | None = None,
         callbacks: list[Callback] | None = None,
@@ -221,7 +254,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": _rng_state(),
-            "data": {"micro_step": iteration * self.accumulation, "seed": self.settings.seed},
+            "data": {"step": iteration, "micro_batches": self.accumulation, "seed": self.settings.seed},
             "best_miou": best,
             "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self.settings).items()},
             **self.extra_state,
@@ -254,10 +287,18 @@ class Trainer:
         dtype = torch.bfloat16 if self.settings.precision == "bf16" else torch.float16
         return torch.autocast(self.dist.device.type, dtype=dtype)
 
-    def _step(self, batches: Iterator[dict[str, Any]]) -> dict[str, float]:
+    def _step(self, iteration: int, steps: Iterator[Any]) -> dict[str, float]:
         terms: dict[str, float] = {}
-        for k in range(self.accumulation):
-            batch = next(batches)
+        bundle = next(steps)
+        micro_batches = [bundle] if isinstance(bundle, dict) else list(bundle)
+        if len(micro_batches) != self.accumulation:
+            raise RuntimeError(
+                f"the data stream gave {len(micro_batches)} micro-batches, expected {self.accumulation}"
+            )
+        for k, batch in enumerate(micro_batches):
+            torch.manual_seed(
+                micro_batch_seed(self.settings.seed, iteration, self.dist.rank * self.accumulation + k)
+            )
             img = batch["image"].to(self.dist.device, non_blocking=True)
             labels = batch["label"].to(self.dist.device, non_blocking=True)
             sync = k == self.accumulation - 1 or not isinstance(self.loss_module, DistributedDataParallel)
@@ -283,18 +324,19 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         """Train to ``max_iters`` (resuming if the work dir holds a checkpoint)."""
-        torch.manual_seed(self.settings.seed + self.dist.rank)
         if self.settings.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
         start, best = self._resume()
+        if self.dist.is_main:
+            self._truncate_log(start)
         if start >= self.max_iters:
             log.info("nothing to do: the run already reached %d iterations", start)
             last = self.checkpoints.latest()
             return TrainResult(start, last, self._best_path(), best)
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         self.model.train()
-        batches = self.train_batches(start * self.accumulation, self.batch_size)
+        batches = self.train_batches(start, self.batch_size, self.accumulation)
         history: list[dict[str, float]] = []
         bar = tqdm(
             total=self.max_iters,
@@ -308,7 +350,7 @@ class Trainer:
         try:
             for iteration in range(start, self.max_iters):
                 lr = apply_lr(self.optimizer, iteration, self.config.schedule, self.max_iters)
-                terms = self._step(batches)
+                terms = self._step(iteration, batches)
                 done = iteration + 1
                 window_iters += 1
                 bar.update(1)
@@ -324,6 +366,8 @@ class Trainer:
                         }
                     )
                     history.append({"iteration": done, **values})
+                    if self.dist.is_main:
+                        self._append_log({"iteration": done, **values})
                     bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}")
                     if self.dist.is_main:
                         log.info(
@@ -343,13 +387,31 @@ class Trainer:
                     best = self._evaluate(done, best)
                     self.model.train()
                 if self._stop_requested:
-                    raise TrainingInterruptedError(f"stopped by SIGTERM after iteration {done}; rerun to resume")
+                    raise TrainingInterruptedError(
+                        f"stopped by SIGTERM after iteration {done}; rerun to resume"
+                    )
         finally:
             bar.close()
             signal.signal(signal.SIGTERM, previous)
         return TrainResult(
             self.max_iters, last_path or self.checkpoints.latest(), self._best_path(), best, history
         )
+
+    def _append_log(self, record: dict[str, Any]) -> None:
+        with (self.settings.work_dir / TRAIN_LOG).open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def _truncate_log(self, iteration: int) -> None:
+        """Drop log lines written after the checkpoint a resumed run starts from."""
+        path = self.settings.work_dir / TRAIN_LOG
+        if not path.is_file():
+            return
+        kept = [
+            line
+            for line in path.read_text().splitlines()
+            if line and json.loads(line)["iteration"] <= iteration
+        ]
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
 
     def _best_path(self) -> Path | None:
         path = self.settings.work_dir / "best_mIoU.pth"

@@ -126,3 +126,19 @@ def test_evaluation_items_keep_the_original_size(prepared: dict, twins: dict) ->
         assert (item["meta"]["height"], item["meta"]["width"]) == item["label"].shape
         (view,) = item["views"]
         assert min(view.img_shape) == 32 and view.image.shape[1] % 32 == 0
+
+
+def test_accumulation_slots_read_what_ranks_would(prepared: dict) -> None:
+    """One process with 2 micro-batches per step = 2 ranks: same samples, same grouping, same augmentation."""
+    root = prepared["ade20k"].root
+    accumulating = _stream(root, micro_batches=2)
+    ranks = [_stream(root, rank=r, world_size=2) for r in range(2)]
+    for step in range(3):
+        bundle = accumulating.step_batches(step)
+        _assert_same_batches(bundle, [ranks[r].batch(step) for r in range(2)])
+    loader = build_train_loader(root, PIPELINE, batch_size=2, seed=5, num_workers=0, micro_batches=2, start_step=1)
+    first = next(iter(loader))
+    assert isinstance(first, list) and len(first) == 2
+    _assert_same_batches(first, accumulating.step_batches(1))
+    with pytest.raises(ValueError, match="micro_batches must be >= 1"):
+        _stream(root, micro_batches=0)
