@@ -1,0 +1,224 @@
+"""Run plumbing: weight files (local, downloaded over a real loopback HTTP server, hashed), pretrained key
+reports, the strategy-2 hand-off, precision options and distributed evaluation."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import http.server
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+import models
+from data.prepare import prepare_dataset
+from data.synthetic import synthesize
+from models.checkpoint import load_checkpoint_file, save_checkpoint_file
+from pipelines.cli import main
+from pipelines.engine.trainer import TrainSettings
+from pipelines.train import RunSpec, build_model, run_training, stage_checkpoint_path
+from pipelines.weights import WeightsNotFoundError, resolve_weights
+
+NAME = "upernet_deit_adapter_tiny_512_160k_ade20k"
+TINY = {
+    "embed_dim": 64,
+    "depth": 4,
+    "num_heads": 2,
+    "deform_num_heads": 2,
+    "conv_inplane": 16,
+    "channels": 32,
+    "crop_size": [64, 64],
+    "img_scale": [128, 64],
+    "stride": [48, 48],
+}
+
+
+@pytest.fixture(scope="module")
+def twin(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("twin")
+    report = synthesize(
+        "ade20k", root / "raw", num_train=8, num_val=5, seed=1, min_size=64, max_size=96, num_classes_used=4
+    )
+    prepare_dataset("ade20k", report.root, root / "prepared")
+    return root / "prepared"
+
+
+@pytest.fixture
+def http_folder(tmp_path: Path):
+    """A real HTTP server on loopback serving ``tmp_path / 'served'``."""
+    served = tmp_path / "served"
+    served.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield served, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_weights_are_downloaded_and_hash_checked(http_folder, tmp_path: Path) -> None:
+    served, base = http_folder
+    payload = b"pretrained weights" * 1000
+    digest = hashlib.sha256(payload).hexdigest()
+    name = f"deit_fake_patch16_224-{digest[:8]}.pth"
+    (served / name).write_bytes(payload)
+    path, sha = resolve_weights(name, f"{base}/{name}", weights_dir=tmp_path / "weights")
+    assert path == tmp_path / "weights" / name and path.read_bytes() == payload and sha == digest
+    # present now: no second download needed (the server is not asked again)
+    (served / name).unlink()
+    assert resolve_weights(name, f"{base}/{name}", weights_dir=tmp_path / "weights")[1] == digest
+    # a file whose content does not match the hash in its name is refused
+    bad = f"deit_other-{'0' * 8}.pth"
+    (served / bad).write_bytes(payload)
+    with pytest.raises(ValueError, match="does not match the expected 00000000"):
+        resolve_weights(bad, f"{base}/{bad}", weights_dir=tmp_path / "weights")
+    with pytest.raises(ValueError, match="does not match the expected abc"):
+        resolve_weights(name, None, weights_dir=tmp_path / "weights", sha256="abc")
+
+
+def test_offline_error_names_the_file_url_and_place(tmp_path: Path) -> None:
+    url = "http://127.0.0.1:9/deit_tiny_patch16_224-a1311bcf.pth"  # nothing listens on the discard port
+    with pytest.raises(WeightsNotFoundError) as err:
+        resolve_weights("deit_tiny_patch16_224-a1311bcf.pth", url, weights_dir=tmp_path / "w")
+    message = str(err.value)
+    assert "deit_tiny_patch16_224-a1311bcf.pth is missing" in message and url in message
+    assert str(tmp_path / "w" / "deit_tiny_patch16_224-a1311bcf.pth") in message
+    with pytest.raises(WeightsNotFoundError, match="put it at"):
+        resolve_weights("x.pth", url, weights_dir=tmp_path / "w", download=False)
+
+
+def _spec(twin: Path, work_dir: Path, **kwargs) -> RunSpec:
+    settings = TrainSettings(
+        work_dir=work_dir,
+        max_iters=2,
+        batch_size=2,
+        global_batch=2,
+        log_interval=1,
+        eval_interval=100,
+        progress=False,
+    )
+    values = {"name": NAME, "data": twin, "settings": settings, "overrides": TINY, "num_workers": 0}
+    values.update(kwargs)
+    return RunSpec(**values)
+
+
+def test_pretrained_deit_file_is_loaded_and_reported(twin: Path, tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    donor = models.create_segmentor(NAME, **TINY).backbone
+    state = {
+        k: v for k, v in donor.state_dict().items() if k.startswith(("patch_embed", "blocks", "pos_embed"))
+    }
+    state = {k: v for k, v in state.items() if not k.endswith(("gamma1", "gamma2"))}
+    state["head.weight"] = torch.zeros(10, 64)
+    pretrained = save_checkpoint_file({"model": state}, tmp_path / "deit.pth")
+    run_training(_spec(twin, tmp_path / "run", pretrained=str(pretrained)))
+    report = json.loads((tmp_path / "run" / "key_report.json").read_text())["pretrained"]
+    assert report["file"] == str(pretrained) and len(report["sha256"]) == 64
+    assert (
+        len(report["loaded"]) == len(state) - 1 and report["unexpected"] == [] and report["mismatched"] == []
+    )
+    assert "blocks.0.gamma1" in report["missing"] and "spm.fc1.weight" in report["missing"]
+
+
+def test_missing_pretrained_file_is_a_clear_error(twin: Path, tmp_path: Path) -> None:
+    spec = _spec(twin, tmp_path / "run", pretrained="auto", weights_dir=tmp_path / "nothing_here")
+    with pytest.raises(FileNotFoundError, match=r"deit_tiny_patch16_224-a1311bcf\.pth"):
+        run_training(spec)
+
+
+def test_stage_two_starts_from_stage_one_with_fresh_class_layers(twin: Path, tmp_path: Path) -> None:
+    """The strategy-2 hand-off (recipes.md 2.2), shown on UperNet: stage 1 with 171 classes, stage 2 with 150.
+
+    Everything whose name and shape match is copied; both class layers keep their fresh initialisation; the
+    stage-1 optimizer state and iteration are not carried.
+    """
+    torch.manual_seed(2)
+    stage1 = models.create_segmentor(NAME, **{**TINY, "num_classes": 171})
+    checkpoint = save_checkpoint_file(
+        {"state_dict": stage1.state_dict(), "optimizer": {}, "iteration": 80000}, tmp_path / "s1.pth"
+    )
+    config = models.get_config(NAME, **TINY)
+    staged = dataclasses.replace(
+        config, pretrained=dataclasses.replace(config.pretrained, init_from="stage1")
+    )
+    torch.manual_seed(0)
+    fresh = models.build_segmentor(staged).state_dict()
+    model, keys = build_model(_spec(twin, tmp_path / "run", init_from=str(checkpoint)), staged)
+    assert "pretrained" not in keys  # the stage checkpoint replaces the pretrained trunk
+    assert sorted(m["key"] for m in keys["init_from"]["mismatched"]) == [
+        "auxiliary_head.conv_seg.bias",
+        "auxiliary_head.conv_seg.weight",
+        "decode_head.conv_seg.bias",
+        "decode_head.conv_seg.weight",
+    ]
+    state = model.state_dict()
+    for key, value in stage1.state_dict().items():
+        expected = fresh[key] if "conv_seg" in key else value
+        assert torch.equal(state[key], expected), key
+
+
+def test_stage_two_without_its_stage_checkpoint_names_what_to_do(twin: Path, tmp_path: Path) -> None:
+    config = models.get_config("mask2former_beit_adapter_large_896_80k_ade20k")
+    spec = _spec(twin, tmp_path / "run", runs_dir=tmp_path / "runs", weights_dir=tmp_path / "weights")
+    with pytest.raises(FileNotFoundError) as err:
+        stage_checkpoint_path(config, spec)
+    message = str(err.value)
+    assert "mask2former_beit_adapter_large_896_80k_cocostuff164k" in message
+    assert (
+        "mask2former_beit_adapter_large_896_80k_cocostuff164k.zip" in message
+        and "init_from='none'" in message
+    )
+    best = tmp_path / "runs" / "mask2former_beit_adapter_large_896_80k_cocostuff164k" / "best_mIoU.pth"
+    best.parent.mkdir(parents=True)
+    best.write_bytes(b"x")
+    assert stage_checkpoint_path(config, spec) == best
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_low_precision_training_runs(twin: Path, tmp_path: Path, precision: str) -> None:
+    spec = _spec(twin, tmp_path / "run", pretrained="none")
+    spec = dataclasses.replace(spec, settings=dataclasses.replace(spec.settings, precision=precision))
+    result = run_training(spec)
+    state = load_checkpoint_file(result.last_checkpoint)
+    assert state["iteration"] == 2 and state["settings"]["precision"] == precision
+    assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
+    if precision == "fp16":
+        assert state["scaler"]["scale"] > 0
+
+
+def test_distributed_evaluation_counts_each_image_once(twin: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = models.create_segmentor(NAME, **TINY)
+    checkpoint = save_checkpoint_file({"state_dict": model.state_dict()}, tmp_path / "model.pth")
+    sets = [arg for k, v in TINY.items() for arg in ("--set", f"{k}={json.dumps(v)}")]
+    single = tmp_path / "single.json"
+    args = ["evaluate", NAME, "--checkpoint", str(checkpoint), "--data", str(twin), "--no-progress", *sets]
+    assert main([*args, "--out", str(single)]) == 0
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        "29523",
+    ]
+    double = tmp_path / "double.json"
+    run = subprocess.run(
+        [*launcher, "-m", "pipelines.cli", *args, "--out", str(double)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    one, two = json.loads(single.read_text()), json.loads(double.read_text())
+    assert one["num_images"] == two["num_images"] == 5
+    for key in ("aAcc", "mIoU", "mAcc"):
+        assert two[key] == pytest.approx(one[key], abs=1e-9)
