@@ -19,6 +19,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "pipelines.commands.data",
     "pipelines.commands.train",
     "pipelines.commands.evaluate",
+    "pipelines.commands.pipeline",
 )
 
 log = logging.getLogger("vitadapter")
@@ -60,6 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.close()
         return 0
     except (ValueError, FileNotFoundError, KeyError, RuntimeError) as err:
+        log.debug("traceback", exc_info=True)  # -vv shows where it came from
         log.error("%s", err.args[0] if isinstance(err, KeyError) and err.args else err)
         return 1
 

@@ -1,0 +1,117 @@
+"""``vitadapter pipeline``: the stages of the reproducible graph (what ``dvc.yaml`` runs), one per command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def _params(args: argparse.Namespace):
+    from pipelines.params import load_params
+
+    return load_params(args.params)
+
+
+def _print(result: object) -> int:
+    json.dump(result, sys.stdout, indent=2, default=str)
+    sys.stdout.write("\n")
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from pipelines.stages import prepare_stage
+
+    return _print(prepare_stage(_params(args), args.dataset))
+
+
+def _weights(args: argparse.Namespace) -> int:
+    from pipelines.stages import weights_stage
+
+    return _print(weights_stage(_params(args)))
+
+
+def _train(args: argparse.Namespace) -> int:
+    from pipelines.stages import train_stage
+
+    result = train_stage(_params(args), args.run, params_file=Path(args.params), worker=args.worker)
+    return _print(result) if result else 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from pipelines.stages import evaluate_stage
+
+    return _print(evaluate_stage(_params(args), args.run, args.mode))
+
+
+def _report(args: argparse.Namespace) -> int:
+    from pipelines.stages import report_stage
+
+    summary = report_stage(_params(args))
+    sys.stdout.write(Path(summary["report"]).read_text())
+    log.info("report: %s", summary["report"])
+    return 0
+
+
+def _dvc_yaml(args: argparse.Namespace) -> int:
+    from pipelines.dvcgraph import render_dvc_yaml
+
+    text = render_dvc_yaml(_params(args), args.params)
+    target = Path(args.dvc_file)
+    if args.check:
+        current = target.read_text() if target.is_file() else ""
+        if current != text:
+            log.error(
+                "%s is not what %s implies: run `vitadapter pipeline dvc-yaml --write`", target, args.params
+            )
+            return 1
+        return 0
+    if args.write:
+        from pipelines.engine.checkpoints import write_text_atomic
+
+        write_text_atomic(target, text)
+        log.info("wrote %s", target)
+        return 0
+    sys.stdout.write(text)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "pipeline",
+        help="the pipeline's stages (what dvc repro runs) and dvc.yaml generation",
+        description=(
+            "Stages of the reproducible graph, driven by params.yaml: prepare DATASET -> weights -> train RUN -> "
+            "evaluate RUN --mode ss|ms -> report. `dvc repro` runs them in order; each can also be run by hand."
+        ),
+    )
+    actions = parser.add_subparsers(dest="action", metavar="STAGE", required=True)
+
+    def add(name: str, func, text: str) -> argparse.ArgumentParser:
+        sub = actions.add_parser(name, help=text, description=text)
+        sub.add_argument("--params", default="params.yaml", help="params file (default params.yaml)")
+        sub.set_defaults(func=func)
+        return sub
+
+    add(
+        "prepare", _prepare, "build the shards of a dataset (synthetic twin or official download)"
+    ).add_argument("dataset", help="a dataset listed under datasets in params.yaml")
+    add("weights", _weights, "resolve (download, hash) the pretrained file of every run")
+    train = add("train", _train, "train a run of params.yaml (resumes its run folder; torchrun for gpus > 1)")
+    train.add_argument("run", help="a run listed under runs in params.yaml")
+    train.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    evaluate = add("evaluate", _evaluate, "evaluate a trained run and compare with its published number")
+    evaluate.add_argument("run", help="a run listed under runs in params.yaml")
+    evaluate.add_argument(
+        "--mode", choices=("ss", "ms"), required=True, help="single-scale or multi-scale + flip"
+    )
+    add("report", _report, "write the comparison report and refresh the MLflow reference experiment")
+    graph = add("dvc-yaml", _dvc_yaml, "print, write or check the dvc.yaml that params.yaml implies")
+    graph.add_argument("--dvc-file", default="dvc.yaml", help="the dvc.yaml to write or check")
+    mode = graph.add_mutually_exclusive_group()
+    mode.add_argument("--write", action="store_true", help="write it")
+    mode.add_argument("--check", action="store_true", help="exit 1 if the file differs")

@@ -1,0 +1,94 @@
+"""``dvc.yaml`` from ``params.yaml``: one stage per dataset, run and evaluation, in the pipeline's order.
+
+prepare_<dataset> -> weights -> train_<run> (a run that starts from another run depends on its run
+folder: the two-stage chain) -> evaluate_<run>_<mode> -> report. Stage commands are
+``vitadapter pipeline ...``; outputs go under ``artifacts/`` (DVC-tracked, git-ignored) and small
+metrics JSON under ``metrics/`` (git-tracked: ``cache: false``). Run folders are ``persist``-ed so that
+an interrupted ``dvc repro`` resumes training instead of starting over.
+
+``vitadapter pipeline dvc-yaml --write`` regenerates the file after ``runs``/``datasets`` change;
+``--check`` (and a test) keeps the committed file equal to what params.yaml implies.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipelines.params import Params
+
+HEADER = (
+    "# Generated from params.yaml by `vitadapter pipeline dvc-yaml --write`; edit params.yaml, then regenerate.\n"
+    "# prepare_<dataset> -> weights -> train_<run> (-> the runs that start from it) -> evaluate_<run>_<mode> -> report\n"
+)
+
+
+def _metric(path: Path) -> dict[str, dict[str, bool]]:
+    return {str(path): {"cache": False}}
+
+
+def build_dvc_graph(params: Params, params_file: str = "params.yaml") -> dict[str, Any]:
+    """The ``dvc.yaml`` document implied by ``params``."""
+    stages: dict[str, Any] = {}
+    metrics = Path(params.paths.metrics)
+    for dataset in params.datasets:
+        stages[f"prepare_{dataset}"] = {
+            "cmd": f"vitadapter pipeline prepare {dataset} --params {params_file}",
+            "params": [{params_file: [f"datasets.{dataset}", "paths.data"]}],
+            "outs": [str(params.data_dir(dataset)), str(Path(params.paths.data) / f"{dataset}_twin")]
+            if params.datasets[dataset].source == "synthetic"
+            else [str(params.data_dir(dataset))],
+            "metrics": [_metric(metrics / "data" / f"{dataset}.json")],
+        }
+    stages["weights"] = {
+        "cmd": f"vitadapter pipeline weights --params {params_file}",
+        "params": [{params_file: ["runs", "paths.weights"]}],
+        "metrics": [_metric(metrics / "weights.json")],
+    }
+    eval_metrics: list[str] = []
+    for name in params.run_order():
+        run = params.runs[name]
+        deps = [str(params.data_dir(run.dataset)), str(metrics / "weights.json")]
+        if run.init_from in params.runs:
+            deps.append(str(params.run_dir(run.init_from)))
+        stages[f"train_{name}"] = {
+            "cmd": f"vitadapter pipeline train {name} --params {params_file}",
+            "deps": deps,
+            "params": [{params_file: [f"runs.{name}"]}],
+            "outs": [{str(params.run_dir(name)): {"persist": True}}],
+            "metrics": [_metric(params.metrics_dir(name) / "train.json")],
+            "plots": [
+                {
+                    str(params.metrics_dir(name) / "train_curve.json"): {
+                        "cache": False,
+                        "x": "iteration",
+                        "y": "loss",
+                        "title": f"{name}: training loss",
+                    }
+                }
+            ],
+        }
+        for mode in run.eval.modes:
+            out = params.metrics_dir(name) / f"eval_{mode}.json"
+            eval_metrics.append(str(out))
+            stages[f"evaluate_{name}_{mode}"] = {
+                "cmd": f"vitadapter pipeline evaluate {name} --mode {mode} --params {params_file}",
+                "deps": [str(params.run_dir(name)), str(params.data_dir(run.dataset))],
+                "params": [{params_file: [f"runs.{name}.eval"]}],
+                "outs": [str(Path(params.paths.reports) / name / f"overlays_{mode}")],
+                "metrics": [_metric(out)],
+            }
+    stages["report"] = {
+        "cmd": f"vitadapter pipeline report --params {params_file}",
+        "deps": eval_metrics,
+        "params": [{params_file: ["tracking"]}],
+        "outs": [str(Path(params.paths.reports) / "report.md")],
+        "metrics": [_metric(metrics / "report.json")],
+    }
+    return {"stages": stages}
+
+
+def render_dvc_yaml(params: Params, params_file: str = "params.yaml") -> str:
+    return HEADER + yaml.safe_dump(build_dvc_graph(params, params_file), sort_keys=False, width=120)

@@ -1,0 +1,104 @@
+"""params.yaml is loaded strictly; dvc.yaml, params.yaml and the zoo agree."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+import models
+from micro_params import MICRO, micro_params, write_params
+from pipelines.cli import main
+from pipelines.dvcgraph import build_dvc_graph, render_dvc_yaml
+from pipelines.params import ParamsError, load_params, parse_params
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_micro_params_load() -> None:
+    params = parse_params(MICRO)
+    assert params.run("tiny").train.max_iters == 4 and params.run("tiny").dataset == "ade20k"
+    assert params.datasets["ade20k"].num_classes_used == 4
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"trackingg": {}}, "unknown key 'trackingg'"),
+        ({"tracking": {"uri": 3}}, r"tracking\.uri: expected str, got int 3"),
+        (
+            {"runs": {"tiny": {**MICRO["runs"]["tiny"], "train": {"max_iters": "many"}}}},
+            r"runs\.tiny\.train\.max_iters",
+        ),
+        (
+            {"runs": {"tiny": {**MICRO["runs"]["tiny"], "train": {"precision": "fp8"}}}},
+            r"'fp8' is not one of",
+        ),
+        ({"runs": {"tiny": {**MICRO["runs"]["tiny"], "epochs": 3}}}, r"runs\.tiny: unknown key 'epochs'"),
+        (
+            {"runs": {"tiny": {**MICRO["runs"]["tiny"], "config": "upernet_nope"}}},
+            r"runs\.tiny\.config: unknown zoo entry 'upernet_nope'",
+        ),
+        (
+            {"runs": {"tiny": {**MICRO["runs"]["tiny"], "overrides": {"embed_dimm": 3}}}},
+            r"runs\.tiny\.overrides: unknown override 'embed_dimm'",
+        ),
+        ({"datasets": {"cityscapes": {}}}, r"datasets\.cityscapes: unknown dataset"),
+        ({"datasets": {"ade20k": {"source": "raw"}}}, r"source 'raw' needs raw"),
+        ({"datasets": {}}, r"runs\.tiny trains on 'ade20k', which datasets does not list"),
+        (
+            {
+                "runs": {
+                    "a": {**MICRO["runs"]["tiny"], "init_from": "b"},
+                    "b": {**MICRO["runs"]["tiny"], "init_from": "a"},
+                }
+            },
+            "cycle",
+        ),
+    ],
+)
+def test_bad_params_name_the_key(tmp_path: Path, change: dict, message: str) -> None:
+    path = write_params(tmp_path / "params.yaml", micro_params(**change))
+    with pytest.raises(ParamsError, match=message):
+        load_params(path)
+
+
+def test_missing_and_unreadable_params(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"nope\.yaml does not exist"):
+        load_params(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("runs: [unclosed\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(tmp_path / "bad.yaml")
+
+
+def test_unknown_run_is_an_error(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = write_params(tmp_path / "params.yaml", micro_params())
+    assert main(["pipeline", "train", "nope", "--params", str(path)]) == 1
+    assert "unknown run 'nope'" in caplog.text
+
+
+def test_chain_order_and_dvc_dependencies() -> None:
+    chain = micro_params()
+    chain["runs"] = {
+        "second": {**MICRO["runs"]["tiny"], "init_from": "first"},
+        "first": MICRO["runs"]["tiny"],
+    }
+    params = parse_params(chain)
+    assert params.run_order() == ["first", "second"]
+    stages = build_dvc_graph(params)["stages"]
+    names = list(stages)
+    assert names.index("train_first") < names.index("train_second") < names.index("report")
+    assert "artifacts/runs/first" in stages["train_second"]["deps"]
+    assert stages["report"]["deps"] == ["metrics/first/eval_ss.json", "metrics/second/eval_ss.json"]
+
+
+def test_committed_params_dvc_yaml_and_zoo_agree() -> None:
+    params = load_params(REPO / "params.yaml")
+    assert (REPO / "dvc.yaml").read_text() == render_dvc_yaml(params)
+    for name, run in params.runs.items():
+        config = models.get_config(run.config, **run.overrides)
+        assert config.data.dataset in params.datasets, name
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert {f"train_{n}" for n in params.runs} <= set(dvc)
+    assert {f"prepare_{d}" for d in params.datasets} <= set(dvc)
