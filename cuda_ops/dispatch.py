@@ -3,7 +3,10 @@
 A backend is a function with the reference signature plus an availability test for given
 inputs. ``backend="auto"`` takes the first registered fast backend that is available for the
 inputs and has passed its parity check, else the reference; an explicitly named backend that is
-unknown or unavailable raises, nothing falls back silently.
+unknown or unavailable raises, nothing falls back silently. A backend is either verified when it
+is registered, or carries a lazy ``self_check`` that ``auto`` runs (and the backend caches) the
+first time it meets a device and dtype; a failed check is logged by the backend and ``auto``
+keeps the reference there.
 """
 
 from __future__ import annotations
@@ -44,12 +47,23 @@ class Backend:
             installed packages). Returns a reason string when it cannot, ``None`` when it can.
         verified: whether the backend passed its parity check against the reference; ``auto``
             only picks verified backends.
+        self_check: for a backend that is not ``verified``: a lazy parity check against the
+            reference for the device and dtype of the given value tensor, called by ``auto`` only
+            on inputs the backend is available for. Returns whether ``auto`` may use the backend
+            there; the backend caches the verdict and logs why a check failed.
     """
 
     name: str
     fn: BackendFn
     is_available: Callable[[torch.Tensor], str | None]
     verified: bool = False
+    self_check: Callable[[torch.Tensor], bool] | None = None
+
+    def usable_by_auto(self, value: torch.Tensor) -> bool:
+        """Whether ``backend="auto"`` may run this backend on ``value``."""
+        if self.name == REFERENCE_BACKEND or self.is_available(value) is not None:
+            return False
+        return self.verified or (self.self_check is not None and self.self_check(value))
 
 
 _BACKENDS: dict[str, Backend] = {
@@ -133,7 +147,8 @@ def ms_deform_attn(
         sampling_locations: (B, Q, M, L, P, 2) normalised (x, y) locations, float32 or float64.
         attention_weights: (B, Q, M, L, P), normalised over L*P by the caller.
         backend: ``"auto"`` (fastest verified backend available for these inputs, else the
-            reference), ``"pytorch"`` (the reference), or the name of a registered backend.
+            reference), ``"pytorch"`` (the reference), or the name of a registered backend
+            (``"triton"``: CUDA tensors with triton installed).
 
     Returns:
         (B, Q, M * D) in the dtype of ``value``.
@@ -146,11 +161,7 @@ def ms_deform_attn(
     shapes = [(int(h), int(w)) for h, w in spatial_shapes]
     if backend == "auto":
         for candidate in _BACKENDS.values():
-            if (
-                candidate.name != REFERENCE_BACKEND
-                and candidate.verified
-                and candidate.is_available(value) is None
-            ):
+            if candidate.usable_by_auto(value):
                 return candidate.fn(value, shapes, sampling_locations, attention_weights)
         return ms_deform_attn_pytorch(value, shapes, sampling_locations, attention_weights)
     chosen = _BACKENDS.get(backend)
