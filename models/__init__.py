@@ -20,6 +20,8 @@ _LAZY = {
     "load_official_state_dict": "models.checkpoint",
     "export_official_state_dict": "models.checkpoint",
     "load_checkpoint_file": "models.checkpoint",
+    "load_stage_checkpoint": "models.checkpoint",
+    "EncoderDecoderMask2Former": "models.segmentor_mask2former",
     "EncoderDecoder": "models.segmentor",
     "ViTAdapter": "models.backbone",
 }

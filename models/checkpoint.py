@@ -171,6 +171,50 @@ def load_official_state_dict(
     return report
 
 
+def load_stage_checkpoint(
+    model: nn.Module, state_dict: Mapping[str, Any], *, source: str | None = None
+) -> LoadReport:
+    """Initialise a strategy-2 stage from the previous stage's checkpoint (recipes.md 2.2).
+
+    The reference's ``load_from`` of the COCO-Stuff-164k Mask2Former into the ADE20K model: every
+    entry whose name and shape match is copied (backbone, adapter, pixel decoder, transformer
+    decoder, queries, level and mask embeddings); entries whose shape differs (the class layer
+    ``decode_head.cls_embed``, 172 -> 151 rows) are skipped and their module is re-initialised with
+    PyTorch's default init (``reset_parameters``), which is what the reference's freshly built
+    model keeps for them. Unlike mmcv, names must match exactly: a missing or unexpected key means
+    a checkpoint of another architecture and is an error.
+
+    Args:
+        model: the new stage's segmentor.
+        state_dict: the previous stage's state dict or checkpoint (``state_dict``/``model`` wrappers).
+        source: name of the file, for messages.
+
+    Returns:
+        The :class:`LoadReport` (``mismatched`` lists the re-initialised entries).
+
+    Raises:
+        CheckpointError: missing or unexpected keys, or a mismatched entry whose module has no
+            ``reset_parameters``.
+    """
+    tensors = unwrap_state_dict(state_dict)
+    report = compare_state_dict(model.state_dict(), tensors, source=source)
+    if report.missing or report.unexpected:
+        raise CheckpointError(
+            "the checkpoint is not of the same architecture (only shapes may differ):\n" + report.summary()
+        )
+    owners = list(dict.fromkeys(key.rpartition(".")[0] for key, _, _ in report.mismatched))
+    for owner in owners:
+        reset = getattr(model.get_submodule(owner), "reset_parameters", None)
+        if reset is None:
+            raise CheckpointError(
+                f"{owner}: its shape differs from the checkpoint's and the module has no reset_parameters"
+            )
+        with torch.no_grad():
+            reset()
+    # copies the matching entries (also those of a re-initialised module) and logs the skipped ones
+    return load_official_state_dict(model, tensors, strict=False, source=source)
+
+
 def export_official_state_dict(model: nn.Module) -> OrderedDict[str, torch.Tensor]:
     """The model's weights in the official layout (keys, shapes, dtypes and order), on the CPU."""
     return OrderedDict(

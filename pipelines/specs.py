@@ -17,7 +17,7 @@ EvalMode = Literal["ss", "ms"]
 
 
 def train_pipeline(config: SegmentorConfig) -> TrainPipeline:
-    """The training transform of ``config`` (ToMask for Mask2Former)."""
+    """The training transform of ``config``."""
     recipe = config.data
     return TrainPipeline(
         scale=recipe.train.img_scale,
@@ -28,7 +28,8 @@ def train_pipeline(config: SegmentorConfig) -> TrainPipeline:
         mean=recipe.mean,
         std=recipe.std,
         to_rgb=recipe.to_rgb,
-        to_mask=config.head == "mask2former",
+        # Mask2Former's criterion builds the reference's ToMask targets from the label map itself
+        to_mask=False,
         ignore_index=config.ignore_index,
     )
 

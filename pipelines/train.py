@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import models
-from models.checkpoint import LoadReport, load_checkpoint_file, load_official_state_dict
+from models.checkpoint import LoadReport, load_checkpoint_file, load_stage_checkpoint
 from models.config import SegmentorConfig
 from models.pretrained import load_pretrained_trunk
 from pipelines.engine.distributed import DevicePreference, DistInfo, init_distributed
@@ -117,15 +117,10 @@ def stage_checkpoint_path(config: SegmentorConfig, spec: RunSpec) -> Path | None
 
 
 def load_stage(model: nn.Module, path: Path) -> LoadReport:
-    """Strategy-2 hand-off: every tensor whose name and shape match is copied; mismatched ones (the
-    class-specific layer) keep their fresh initialisation; optimizer state and iteration are not
-    carried (recipes.md 2.2)."""
-    report = load_official_state_dict(model, load_checkpoint_file(path), strict=False, source=str(path))
-    if report.missing or report.unexpected:
-        raise ValueError(
-            f"{path} is not a checkpoint of the previous stage of this model:\n{report.summary()}"
-        )
-    return report
+    """Strategy-2 hand-off (recipes.md 2.2): every tensor whose name and shape match is copied; the
+    class-specific layers (shapes differ) get PyTorch's default initialisation; optimizer state and
+    iteration are not carried (the new run starts its schedule at 0)."""
+    return load_stage_checkpoint(model, load_checkpoint_file(path), source=str(path))
 
 
 def build_model(spec: RunSpec, config: SegmentorConfig) -> tuple[nn.Module, dict[str, Any]]:

@@ -142,3 +142,8 @@ def golden_input(golden: Golden) -> torch.Tensor:
     if abs(x.double().sum().item() - golden.input_sum) > 1e-6 * max(1.0, abs(golden.input_sum)):
         raise AssertionError("the regenerated parity input differs from the reference's")
     return x
+
+
+def load_golden_info(name: str) -> dict:
+    """The whole json of a golden (e.g. per-key ``tolerances`` and Mask2Former's attention-mask stats)."""
+    return json.loads((FIXTURES / f"golden_{name}.json").read_text())

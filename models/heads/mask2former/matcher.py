@@ -1,0 +1,126 @@
+"""Hungarian matching of Mask2Former queries to ground-truth masks (ViT-Adapter's
+``MaskHungarianAssigner`` with ``ClassificationCost``, ``CrossEntropyLossCost`` and ``DiceCost``),
+recipes.md 2.4.
+
+Per image and per stage, the costs are computed at ``num_points`` (12544) points drawn uniformly
+at random, the same points for every query and every target:
+
+* class: ``-softmax(cls)[gt_label]`` x 2.0;
+* mask: mean over the points of the sigmoid binary cross-entropy x 5.0;
+* dice: ``1 - (2 * sum(p * t) + 1) / (sum(p) + sum(t) + 1)`` with ``p = sigmoid(mask)`` x 5.0;
+
+and ``scipy.optimize.linear_sum_assignment`` minimises their sum on the CPU. Queries left
+unmatched are no-object.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+
+from models.heads.mask2former.points import point_sample
+
+DICE_EPS = 1.0
+
+
+def classification_cost(cls_logits: torch.Tensor, gt_labels: torch.Tensor) -> torch.Tensor:
+    """(Q, K + 1) logits, (G,) labels -> (Q, G) ``-softmax(cls)[:, gt]``."""
+    return -cls_logits.softmax(-1)[:, gt_labels]
+
+
+def mask_bce_cost(mask_logits: torch.Tensor, gt_masks: torch.Tensor) -> torch.Tensor:
+    """(Q, P) logits, (G, P) targets in [0, 1] -> (Q, G) mean binary cross-entropy over the points."""
+    pos = F.binary_cross_entropy_with_logits(mask_logits, torch.ones_like(mask_logits), reduction="none")
+    neg = F.binary_cross_entropy_with_logits(mask_logits, torch.zeros_like(mask_logits), reduction="none")
+    cost = torch.einsum("qp,gp->qg", pos, gt_masks) + torch.einsum("qp,gp->qg", neg, 1 - gt_masks)
+    return cost / mask_logits.shape[1]
+
+
+def dice_cost(mask_logits: torch.Tensor, gt_masks: torch.Tensor) -> torch.Tensor:
+    """(Q, P) logits, (G, P) targets -> (Q, G) naive dice loss (eps 1) of every pair."""
+    probs = mask_logits.sigmoid()
+    numerator = 2 * torch.einsum("qp,gp->qg", probs, gt_masks)
+    denominator = probs.sum(-1)[:, None] + gt_masks.sum(-1)[None, :]
+    return 1 - (numerator + DICE_EPS) / (denominator + DICE_EPS)
+
+
+class HungarianMatcher:
+    """One-to-one assignment of queries to targets by the weighted point costs.
+
+    Args:
+        cls_weight: weight of the class cost (2.0).
+        mask_weight: weight of the BCE cost (5.0).
+        dice_weight: weight of the dice cost (5.0).
+        num_points: uniformly sampled points per image (12544).
+    """
+
+    def __init__(self, *, cls_weight: float, mask_weight: float, dice_weight: float, num_points: int) -> None:
+        self.cls_weight = cls_weight
+        self.mask_weight = mask_weight
+        self.dice_weight = dice_weight
+        self.num_points = num_points
+
+    @torch.no_grad()
+    def cost_matrix(
+        self,
+        cls_logits: torch.Tensor,
+        mask_logits: torch.Tensor,
+        gt_labels: torch.Tensor,
+        gt_masks: torch.Tensor,
+        points: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The (Q, G) matching cost of one image.
+
+        Args:
+            cls_logits: (Q, K + 1).
+            mask_logits: (Q, h, w) mask logits (any resolution).
+            gt_labels: (G,) int64 class ids.
+            gt_masks: (G, H, W) binary masks (any resolution).
+            points: (P, 2) points in [0, 1]; drawn uniformly when None.
+        """
+        if points is None:
+            points = torch.rand(self.num_points, 2, device=mask_logits.device)
+        # queries and targets as channels of one map: the same points for all of them
+        pred_points = point_sample(mask_logits[None].float(), points[None])[0]  # (Q, P)
+        gt_points = point_sample(gt_masks[None].float(), points[None])[0]  # (G, P)
+        return (
+            self.cls_weight * classification_cost(cls_logits.float(), gt_labels)
+            + self.mask_weight * mask_bce_cost(pred_points, gt_points)
+            + self.dice_weight * dice_cost(pred_points, gt_points)
+        )
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        cls_logits: torch.Tensor,
+        mask_logits: torch.Tensor,
+        gt_labels: torch.Tensor,
+        gt_masks: torch.Tensor,
+        points: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Match one image.
+
+        Args:
+            see :meth:`cost_matrix`.
+
+        Returns:
+            (query indices, target indices), int64 on the input device, query indices ascending;
+            ``min(Q, G)`` pairs.
+
+        Raises:
+            ValueError: if the cost has non-finite entries (diverged predictions).
+        """
+        device = cls_logits.device
+        if gt_labels.numel() == 0:
+            empty = torch.zeros(0, dtype=torch.int64, device=device)
+            return empty, empty
+        cost = self.cost_matrix(cls_logits, mask_logits, gt_labels, gt_masks, points).cpu().numpy()
+        if not np.isfinite(cost).all():
+            raise ValueError("the Mask2Former matching cost has non-finite entries (diverged predictions?)")
+        rows, cols = linear_sum_assignment(cost)
+        return (
+            torch.as_tensor(rows, dtype=torch.int64, device=device),
+            torch.as_tensor(cols, dtype=torch.int64, device=device),
+        )
