@@ -29,8 +29,23 @@ def _metric(path: Path) -> dict[str, dict[str, bool]]:
     return {str(path): {"cache": False}}
 
 
-def build_dvc_graph(params: Params, params_file: str = "params.yaml") -> dict[str, Any]:
-    """The ``dvc.yaml`` document implied by ``params``."""
+def _present(raw: dict[str, Any], run: str, keys: tuple[str, ...]) -> list[str]:
+    """``runs.<run>.<key>`` for the keys the file sets (DVC refuses to track a parameter that is absent)."""
+    entry = (raw.get("runs") or {}).get(run) or {}
+    return [f"runs.{run}.{key}" for key in keys if key in entry]
+
+
+def build_dvc_graph(
+    params: Params, params_file: str = "params.yaml", raw: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The ``dvc.yaml`` document implied by ``params`` (``raw``: the YAML as written, to list only present keys)."""
+    from pipelines.stages import TRAINING_KEYS
+
+    raw = (
+        raw
+        if raw is not None
+        else {"runs": {name: dict.fromkeys((*TRAINING_KEYS, "eval")) for name in params.runs}}
+    )
     stages: dict[str, Any] = {}
     metrics = Path(params.paths.metrics)
     for dataset in params.datasets:
@@ -42,9 +57,12 @@ def build_dvc_graph(params: Params, params_file: str = "params.yaml") -> dict[st
             else [str(params.data_dir(dataset))],
             "metrics": [_metric(metrics / "data" / f"{dataset}.json")],
         }
+    weight_keys = [
+        k for name in params.runs for k in _present(raw, name, ("config", "overrides", "init_from", "train"))
+    ]
     stages["weights"] = {
         "cmd": f"vitadapter pipeline weights --params {params_file}",
-        "params": [{params_file: ["runs", "paths.weights"]}],
+        "params": [{params_file: [*weight_keys, "paths.weights"]}],
         "metrics": [_metric(metrics / "weights.json")],
     }
     eval_metrics: list[str] = []
@@ -56,7 +74,7 @@ def build_dvc_graph(params: Params, params_file: str = "params.yaml") -> dict[st
         stages[f"train_{name}"] = {
             "cmd": f"vitadapter pipeline train {name} --params {params_file}",
             "deps": deps,
-            "params": [{params_file: [f"runs.{name}"]}],
+            "params": [{params_file: _present(raw, name, TRAINING_KEYS)}],
             "outs": [{str(params.run_dir(name)): {"persist": True}}],
             "metrics": [_metric(params.metrics_dir(name) / "train.json")],
             "plots": [
@@ -76,7 +94,7 @@ def build_dvc_graph(params: Params, params_file: str = "params.yaml") -> dict[st
             stages[f"evaluate_{name}_{mode}"] = {
                 "cmd": f"vitadapter pipeline evaluate {name} --mode {mode} --params {params_file}",
                 "deps": [str(params.run_dir(name)), str(params.data_dir(run.dataset))],
-                "params": [{params_file: [f"runs.{name}.eval"]}],
+                "params": [{params_file: _present(raw, name, ("eval",)) or [f"runs.{name}.config"]}],
                 "outs": [str(Path(params.paths.reports) / name / f"overlays_{mode}")],
                 "metrics": [_metric(out)],
             }
@@ -90,5 +108,7 @@ def build_dvc_graph(params: Params, params_file: str = "params.yaml") -> dict[st
     return {"stages": stages}
 
 
-def render_dvc_yaml(params: Params, params_file: str = "params.yaml") -> str:
-    return HEADER + yaml.safe_dump(build_dvc_graph(params, params_file), sort_keys=False, width=120)
+def render_dvc_yaml(
+    params: Params, params_file: str = "params.yaml", raw: dict[str, Any] | None = None
+) -> str:
+    return HEADER + yaml.safe_dump(build_dvc_graph(params, params_file, raw), sort_keys=False, width=120)

@@ -43,6 +43,8 @@ class Paths:
     weights: str = "artifacts/pretrained"
     metrics: str = "metrics"
     reports: str = "artifacts/reports"
+    # where MLflow records go when the tracking server is unreachable (outside every DVC output)
+    tracking_fallback: str = "artifacts/mlflow-fallback"
 
 
 @dataclass(frozen=True)

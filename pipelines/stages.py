@@ -199,7 +199,11 @@ def train_stage(
     from pipelines.engine.distributed import barrier
 
     barrier()
-    tracker = Tracker(params.tracking, fallback_dir=params.run_dir(name)) if dist_info.is_main else None
+    tracker = (
+        Tracker(params.tracking, fallback_dir=Path(params.paths.tracking_fallback))
+        if dist_info.is_main
+        else None
+    )
     callbacks = []
     if tracker is not None:
         config = models.get_config(run.config, **run.overrides)
@@ -213,9 +217,12 @@ def train_stage(
         callbacks.append(TrainingCallback(tracker))
     try:
         result = run_training(spec, callbacks=callbacks)
-    finally:
+    except BaseException:
         if tracker is not None:
-            tracker.end_run()
+            tracker.end_run("FAILED")
+        raise
+    if tracker is not None:
+        tracker.end_run()
     if not dist_info.is_main:
         return {}
     summary = {
@@ -235,6 +242,8 @@ def train_stage(
 
 
 SIGNATURE_FILE = "run_signature.json"
+# the keys of a run entry that define its training (``eval`` only changes the evaluation)
+TRAINING_KEYS = ("config", "overrides", "init_from", "train", "gpus", "nodes")
 
 
 def run_signature(params: Params, name: str) -> str:
@@ -337,7 +346,7 @@ def evaluate_stage(params: Params, name: str, mode: str) -> dict[str, Any]:
     overlays = sample_overlays(
         model, config, params.data_dir(run.dataset), reports / f"overlays_{mode}", mode, settings
     )
-    tracker = Tracker(params.tracking, fallback_dir=params.run_dir(name))
+    tracker = Tracker(params.tracking, fallback_dir=Path(params.paths.tracking_fallback))
     tracker.log_evaluation(
         run_name=name,
         mode=mode,
@@ -434,7 +443,7 @@ def report_stage(params: Params) -> dict[str, Any]:
     write_text_atomic(report, report_markdown(rows))
     summary = {"rows": rows, "report": str(report)}
     write_json(Path(params.paths.metrics) / "report.json", summary)
-    tracker = Tracker(params.tracking, fallback_dir=Path(params.paths.reports))
+    tracker = Tracker(params.tracking, fallback_dir=Path(params.paths.tracking_fallback))
     tracker.sync_reference_experiment()
     tracker.log_report(report, rows)
     return summary

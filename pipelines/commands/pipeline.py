@@ -57,10 +57,20 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plots(args: argparse.Namespace) -> int:
+    from pipelines.plots import show_plots
+
+    page = show_plots(Path(args.out), template=Path(args.template))
+    log.info("training curves: %s (self-contained, renders offline)", page)
+    return 0
+
+
 def _dvc_yaml(args: argparse.Namespace) -> int:
+    import yaml
+
     from pipelines.dvcgraph import render_dvc_yaml
 
-    text = render_dvc_yaml(_params(args), args.params)
+    text = render_dvc_yaml(_params(args), args.params, yaml.safe_load(Path(args.params).read_text()))
     target = Path(args.dvc_file)
     if args.check:
         current = target.read_text() if target.is_file() else ""
@@ -110,6 +120,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--mode", choices=("ss", "ms"), required=True, help="single-scale or multi-scale + flip"
     )
     add("report", _report, "write the comparison report and refresh the MLflow reference experiment")
+    plots = add("plots", _plots, "dvc plots show with vega inlined, so the page renders offline")
+    plots.add_argument("--out", default="artifacts/plots", help="output folder (default artifacts/plots)")
+    plots.add_argument(
+        "--template",
+        default="artifacts/plots/offline_template.html",
+        help="the offline template (built once with npm if missing)",
+    )
     graph = add("dvc-yaml", _dvc_yaml, "print, write or check the dvc.yaml that params.yaml implies")
     graph.add_argument("--dvc-file", default="dvc.yaml", help="the dvc.yaml to write or check")
     mode = graph.add_mutually_exclusive_group()

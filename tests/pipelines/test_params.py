@@ -95,7 +95,8 @@ def test_chain_order_and_dvc_dependencies() -> None:
 
 def test_committed_params_dvc_yaml_and_zoo_agree() -> None:
     params = load_params(REPO / "params.yaml")
-    assert (REPO / "dvc.yaml").read_text() == render_dvc_yaml(params)
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert (REPO / "dvc.yaml").read_text() == render_dvc_yaml(params, raw=raw)
     for name, run in params.runs.items():
         config = models.get_config(run.config, **run.overrides)
         assert config.data.dataset in params.datasets, name

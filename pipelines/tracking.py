@@ -1,0 +1,636 @@
+"""MLflow tracking of the pipeline: training and evaluation runs, the two-stage chain, the published table.
+
+The one module that imports mlflow, lazily (with ``tracking.enabled: false`` it never does), always
+through an explicit ``MlflowClient`` bound to one URI: no global MLflow state, any calling thread.
+
+Names (shared with the report): a training run (tags ``vitadapter.run=<run>``, ``vitadapter.kind=train``)
+has the resolved config as flattened params (``backbone.trunk.embed_dim``), the run params under
+``run.``, metrics by step (``train/<loss term>``, ``train/lr``, ``time_per_iter``, ``images_per_s``,
+``peak_memory_mb``, ``val/mIoU``, ``val/aAcc``, ``val/mAcc``, ``system/*``), ``published_ss_mIoU`` /
+``published_ms_mIoU`` / ``published_params_M``, after evaluation ``<mode>_mIoU`` / ``<mode>_delta_mIoU``,
+and its files. Chained runs are children of one ``vitadapter.kind=chain`` run; evaluation runs are
+children of their training run. The reference experiment holds one run per published row (named after
+the zoo entry) with ``ss_mIoU``, ``ms_mIoU``, ``params_M``: the metric names of our runs, side by side.
+
+An unreachable store never stops training or evaluation: waits are bounded by ``timeout_s`` /
+``max_retries``; the first failure warns (naming the URI) and switches the process to
+``sqlite:///<fallback_dir>/mlflow-fallback.db``, re-opening the active training run there.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import json
+import logging
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import models
+from pipelines.params import RunParams, Tracking
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities import Run
+
+    from models.config import SegmentorConfig
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+TAG_RUN = "vitadapter.run"
+TAG_KIND = "vitadapter.kind"
+TAG_CHAIN = "vitadapter.chain"
+TAG_ZOO = "vitadapter.zoo_entry"
+TAG_MODE = "vitadapter.eval_mode"
+TAG_LAST_CHECKPOINT = "vitadapter.last_checkpoint"
+TAG_BEST_CHECKPOINT = "vitadapter.best_checkpoint"
+PARENT_TAG = "mlflow.parentRunId"  # what makes MLflow (and its UI) nest a run under another
+KIND_TRAIN, KIND_EVAL, KIND_CHAIN = "train", "evaluation", "chain"
+KIND_REPORT, KIND_REFERENCE = "report", "reference"
+FALLBACK_DB = "mlflow-fallback.db"
+FALLBACK_ARTIFACTS = "mlflow-fallback-artifacts"
+TRAIN_FILES = ("config.json", "key_report.json", "train_log.jsonl")
+CURVE_ARTIFACT = "training_curve.png"
+PERF_KEYS = frozenset({"time_per_iter", "images_per_s", "peak_memory_mb"})
+VAL_KEYS = ("mIoU", "aAcc", "mAcc")
+# MLflow 3's limits on one param / tag value; longer values are clipped (config.json keeps them whole)
+MAX_PARAM_VALUE = 6000
+MAX_TAG_VALUE = 8000
+CLIPPED = "...[clipped]"
+# MLflow error codes that say the request was wrong, not that the store is unreachable
+_REQUEST_ERRORS = frozenset(
+    {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST"}
+)
+# tracking URIs found unreachable in this process: every later Tracker logs to its fallback at once
+_UNREACHABLE: set[str] = set()
+
+
+def _configure_mlflow(settings: Tracking) -> None:
+    """Bound HTTP waits and disable telemetry; must run before the first MLflow call."""
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(settings.timeout_s)
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(settings.max_retries)
+    if "MLFLOW_DISABLE_TELEMETRY" not in os.environ:  # an explicit choice of the user stands
+        os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+        if "mlflow" in sys.modules:  # imported before this call: its telemetry client already started
+            from mlflow.telemetry import set_telemetry_client
+
+            set_telemetry_client()
+
+
+def _is_unreachable(err: Exception) -> bool:
+    """Whether ``err`` means the store cannot be used (connection, server, database), not a bad request."""
+    import requests
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError  # the database behind a sqlite:// store
+
+    if isinstance(err, MlflowException):
+        return err.error_code not in _REQUEST_ERRORS
+    return isinstance(err, requests.RequestException | OSError | SQLAlchemyError)
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - len(CLIPPED)] + CLIPPED
+
+
+def flatten_params(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested mappings as MLflow params: dotted keys, JSON values (strings as is), clipped to MLflow's limit."""
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten_params(value, name))
+        else:
+            text = value if isinstance(value, str) else json.dumps(value, default=str)
+            flat[name] = _clip(text, MAX_PARAM_VALUE)
+    return flat
+
+
+def metric_name(key: str) -> str:
+    """``key`` with the characters MLflow refuses in metric names replaced by ``_``."""
+    return re.sub(r"[^\w./\- ]", "_", key)
+
+
+def _finite(values: Mapping[str, Any]) -> dict[str, float]:
+    """The finite numbers of ``values`` (None, NaN and non-numbers are left out)."""
+    return {
+        key: float(value)
+        for key, value in values.items()
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    }
+
+
+def _quote(value: str) -> str:
+    return f"'{value}'" if "'" not in value else f'"{value}"'
+
+
+def _final_status(status: str, caller: FrameType | None) -> str:
+    """FAILED (KILLED) instead of FINISHED when an exception (interrupt) propagates through ``caller``:
+    ``end_run()`` in a ``finally`` after a failed training, so that the rerun resumes the run."""
+    error = sys.exc_info()[1]
+    trace = None if error is None or status != "FINISHED" else error.__traceback__
+    while trace is not None:
+        if trace.tb_frame is caller:
+            return "FAILED" if isinstance(error, Exception) else "KILLED"
+        trace = trace.tb_next
+    return status
+
+
+class _Store:
+    """One tracking store: a client bound to its URI and the experiment ids resolved on it."""
+
+    def __init__(self, uri: str, *, artifact_root: Path | None = None) -> None:
+        from mlflow import MlflowClient
+
+        self.uri = uri
+        self.client: MlflowClient = MlflowClient(tracking_uri=uri)
+        self._artifact_root = artifact_root
+        self._experiments: dict[str, str] = {}
+
+    def experiment_id(self, name: str) -> str:
+        """The id of experiment ``name``, created (or restored from deletion) when needed."""
+        from mlflow.exceptions import MlflowException
+
+        if name in self._experiments:
+            return self._experiments[name]
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is None:
+            location = (
+                None if self._artifact_root is None else (self._artifact_root / name).resolve().as_uri()
+            )
+            try:
+                experiment_id = self.client.create_experiment(name, artifact_location=location)
+            except MlflowException as err:  # created meanwhile by another process
+                if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                experiment_id = self.client.get_experiment_by_name(name).experiment_id
+        else:
+            experiment_id = experiment.experiment_id
+            if experiment.lifecycle_stage == "deleted":
+                self.client.restore_experiment(experiment_id)
+        self._experiments[name] = experiment_id
+        return experiment_id
+
+    def find_runs(
+        self, experiment: str, tags: Mapping[str, str], *, max_results: int = 1000, newest_first: bool = True
+    ) -> list[Run]:
+        """Active runs of ``experiment`` carrying all ``tags``."""
+        query = " AND ".join(f"tags.`{key}` = {_quote(value)}" for key, value in tags.items())
+        order = "DESC" if newest_first else "ASC"
+        return list(
+            self.client.search_runs(
+                [self.experiment_id(experiment)],
+                query,
+                max_results=max_results,
+                order_by=[f"attributes.start_time {order}"],
+            )
+        )
+
+    def create_run(
+        self, experiment: str, name: str, tags: Mapping[str, str], *, finished: bool = False
+    ) -> str:
+        tags = {key: _clip(str(value), MAX_TAG_VALUE) for key, value in tags.items()}
+        run_id = self.client.create_run(self.experiment_id(experiment), tags=tags, run_name=name).info.run_id
+        if finished:
+            self.client.set_terminated(run_id, "FINISHED")
+        return run_id
+
+    def find_or_create(
+        self, experiment: str, name: str, tags: Mapping[str, str], *, oldest: bool = False
+    ) -> str:
+        """The newest (oldest) run carrying ``tags``, or a new finished one named ``name``."""
+        found = self.find_runs(experiment, tags, max_results=1, newest_first=not oldest)
+        return found[0].info.run_id if found else self.create_run(experiment, name, tags, finished=True)
+
+    def log(
+        self,
+        run_id: str,
+        *,
+        metrics: Mapping[str, float] | None = None,
+        step: int = 0,
+        params: Mapping[str, str] | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> None:
+        """One ``log_batch`` (MLflow splits it into requests within its batch limits)."""
+        from mlflow.entities import Metric, Param, RunTag
+
+        now = int(time.time() * 1000)
+        batch = {
+            "metrics": [Metric(metric_name(k), v, now, step) for k, v in _finite(metrics or {}).items()],
+            "params": [Param(k, v) for k, v in (params or {}).items()],
+            "tags": [RunTag(k, _clip(str(v), MAX_TAG_VALUE)) for k, v in (tags or {}).items()],
+        }
+        if any(batch.values()):
+            self.client.log_batch(run_id, **batch)
+
+
+@dataclass(frozen=True)
+class _TrainingRun:
+    """What ``start_training_run`` was given (to re-open the run in the fallback store)."""
+
+    run_name: str
+    config: SegmentorConfig
+    run_params: RunParams
+    tags: dict[str, str]
+    parent: str | None
+
+
+class Tracker:
+    """Logs the pipeline's runs to MLflow; no call raises, and with ``settings.enabled`` False none logs.
+
+    Args:
+        settings: the ``tracking`` section of params.yaml.
+        fallback_dir: folder of the local store used when ``settings.uri`` cannot be reached.
+    """
+
+    def __init__(self, settings: Tracking, *, fallback_dir: Path) -> None:
+        self.settings = settings
+        self.fallback_dir = Path(fallback_dir)
+        self._store: _Store | None = None
+        self._on_fallback = False
+        self._training: _TrainingRun | None = None
+        self._run_name: str | None = None
+        self._run_id: str | None = None
+        self._monitor: Any = None
+        if settings.enabled:
+            _configure_mlflow(settings)
+
+    @property
+    def fallback_uri(self) -> str:
+        return f"sqlite:///{(self.fallback_dir / FALLBACK_DB).resolve()}"
+
+    @property
+    def uri(self) -> str:
+        """The tracking URI in use (the fallback store's after a switch)."""
+        return self.fallback_uri if self._on_fallback else self.settings.uri
+
+    @property
+    def run_id(self) -> str | None:
+        """The active training run's id (None outside start_training_run ... end_run)."""
+        return self._run_id
+
+    # -- store selection and fallback -----------------------------------------------------------------
+
+    def _current(self) -> _Store:
+        if self._store is None:
+            if self.settings.uri in _UNREACHABLE:
+                return self._use_fallback(None)
+            self._store = _Store(self.settings.uri)
+        return self._store
+
+    def _use_fallback(self, err: Exception | None) -> _Store:
+        """Switch to the local store (once) and re-open the active training run there."""
+        self._stop_monitor()
+        self.fallback_dir.mkdir(parents=True, exist_ok=True)
+        reason = "was unreachable earlier in this process" if err is None else f"is unreachable ({err})"
+        log.warning("MLflow tracking URI %s %s: logging to %s", self.settings.uri, reason, self.fallback_uri)
+        _UNREACHABLE.add(self.settings.uri)
+        self._store = None  # if the local store cannot be opened either, the next call tries again
+        self._store = _Store(self.fallback_uri, artifact_root=self.fallback_dir / FALLBACK_ARTIFACTS)
+        self._on_fallback = True
+        active, self._run_id = self._run_id, None  # stays None if re-opening fails: later calls are no-ops
+        if active is not None:
+            self._run_id = self._open_training_run(self._store)
+        return self._store
+
+    def _guarded(self, what: str, operation: Callable[[_Store], T]) -> T | None:
+        """Run ``operation`` on the store in use; on an unreachable store, again on the fallback store."""
+        if not self.settings.enabled:
+            return None
+        try:
+            return operation(self._current())
+        except Exception as err:  # tracking must never stop training or evaluation: log, fall back
+            if self._on_fallback or not _is_unreachable(err):
+                log.warning("MLflow: could not %s on %s: %s", what, self.uri, err, exc_info=True)
+                return None
+            failure = err
+        try:
+            return operation(self._use_fallback(failure))
+        except Exception as err:  # the local store failing too must not stop the run either
+            log.warning("MLflow: could not %s on %s: %s", what, self.uri, err, exc_info=True)
+            return None
+
+    # -- training runs --------------------------------------------------------------------------------
+
+    def start_training_run(
+        self,
+        *,
+        run_name: str,
+        config: SegmentorConfig,
+        run_params: RunParams,
+        tags: dict[str, str],
+        parent: str | None,
+    ) -> None:
+        """Start, or resume when its last run did not finish, the MLflow run of training run ``run_name``.
+
+        Args:
+            run_name: the run's name in params.yaml (tag ``vitadapter.run``).
+            config: the resolved zoo config (logged as flattened params).
+            run_params: the run's params.yaml entry (logged under ``run.``).
+            tags: tags of the run (git commit, DVC stage, data checksum, Prefect flow run, ...).
+            parent: first run of the chain this run belongs to (its runs become children of one chain
+                run), or None.
+        """
+        if not self.settings.enabled:
+            return
+        self._training = _TrainingRun(run_name, config, run_params, dict(tags), parent)
+        self._run_name = run_name
+        self._run_id = self._guarded(f"start the run of {run_name}", self._open_training_run)
+
+    def _open_training_run(self, store: _Store) -> str:
+        spec = self._training
+        if spec is None:
+            raise RuntimeError("no training run to open: call start_training_run first")
+        experiment = self.settings.experiment
+        tags = {**spec.tags, TAG_RUN: spec.run_name, TAG_KIND: KIND_TRAIN, TAG_ZOO: spec.config.name}
+        if spec.parent is not None:
+            tags[TAG_CHAIN] = spec.parent
+            tags[PARENT_TAG] = self._chain_run(store, spec.parent)
+        latest = store.find_runs(experiment, {TAG_RUN: spec.run_name, TAG_KIND: KIND_TRAIN}, max_results=1)
+        resumed = bool(latest) and latest[0].info.status != "FINISHED"
+        if resumed:
+            run_id = latest[0].info.run_id
+            store.client.update_run(run_id, status="RUNNING")
+            logged = latest[0].data.params
+            log.info("resuming MLflow run %s of %s on %s", run_id, spec.run_name, store.uri)
+        else:
+            run_id = store.create_run(experiment, spec.run_name, tags)
+            logged = {}
+        params = {**flatten_params(spec.config.to_dict()), **flatten_params(asdict(spec.run_params), "run")}
+        changed = sorted(key for key, value in params.items() if key in logged and logged[key] != value)
+        if changed:
+            log.warning("MLflow params cannot change; run %s keeps its logged %s", run_id, ", ".join(changed))
+        published = spec.config.published
+        store.log(
+            run_id,
+            params={key: value for key, value in params.items() if key not in logged},
+            tags=tags,
+            metrics={}
+            if resumed
+            else {
+                "published_ss_mIoU": published.miou_ss,
+                "published_ms_mIoU": published.miou_ms,
+                "published_params_M": published.params_m,
+            },
+        )
+        self._start_monitor(store, run_id, resumed)
+        return run_id
+
+    def _chain_run(self, store: _Store, chain: str) -> str:
+        """The parent run of the chain that starts with run ``chain`` (created once)."""
+        tags = {TAG_KIND: KIND_CHAIN, TAG_CHAIN: chain}
+        return store.find_or_create(self.settings.experiment, f"{chain}-chain", tags, oldest=True)
+
+    def _start_monitor(self, store: _Store, run_id: str, resumed: bool) -> None:
+        """System metrics (``system/*``): the monitor ``mlflow.start_run(log_system_metrics=True)`` uses."""
+        self._stop_monitor()
+        if importlib.util.find_spec("psutil") is None:
+            log.info("psutil is not installed: no system metrics for MLflow run %s", run_id)
+            return
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._monitor = SystemMetricsMonitor(run_id, resume_logging=resumed, tracking_uri=store.uri)
+            self._monitor.start()
+        except Exception as err:  # system metrics are optional: never stop training for them
+            log.warning("MLflow: no system metrics for run %s: %s", run_id, err)
+            self._monitor = None
+
+    def _stop_monitor(self) -> None:
+        if self._monitor is not None:
+            monitor, self._monitor = self._monitor, None
+            monitor.finish()
+
+    def log_metrics(self, metrics: Mapping[str, Any], *, step: int) -> None:
+        """Log the finite numbers of ``metrics`` at ``step`` on the active training run (one request)."""
+        if self._run_id is not None:
+            self._guarded("log metrics", lambda store: store.log(self._run_id, metrics=metrics, step=step))
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        """Set ``tags`` on the active training run."""
+        if self._run_id is not None:
+            self._guarded("set tags", lambda store: store.log(self._run_id, tags=tags))
+
+    def end_run(self, status: str = "FINISHED") -> None:
+        """End the active training run (FAILED instead of FINISHED while an exception propagates)."""
+        if self._run_id is not None:
+            frame = inspect.currentframe()
+            status = _final_status(status, frame.f_back if frame is not None else None)
+            self._stop_monitor()
+            self._guarded("end the run", lambda store: store.client.set_terminated(self._run_id, status))
+        self._stop_monitor()  # a switch to the fallback store during the call re-opened the run there
+        self._run_id = None
+        self._training = None
+
+    def log_run_files(self, run_dir: Path) -> None:
+        """Attach the run folder's config, key report, training log and a training-curve plot to the run."""
+        run_dir = Path(run_dir)
+        run_name = self._run_name or run_dir.name
+
+        def upload(store: _Store) -> None:
+            tags = {TAG_RUN: run_name, TAG_KIND: KIND_TRAIN}
+            run_id = store.find_or_create(self.settings.experiment, run_name, tags)
+            for name in TRAIN_FILES:
+                if (run_dir / name).is_file():
+                    store.client.log_artifact(run_id, str(run_dir / name))
+            figure = training_curve(run_dir / TRAIN_FILES[2])
+            if figure is not None:
+                store.client.log_figure(run_id, figure, CURVE_ARTIFACT)
+
+        self._guarded(f"log the files of {run_name}", upload)
+
+    # -- evaluation, reference, report ----------------------------------------------------------------
+
+    def log_evaluation(
+        self,
+        *,
+        run_name: str,
+        mode: str,
+        metrics: dict,
+        per_class: dict,
+        artifacts: list[Path],
+        tags: dict[str, str],
+    ) -> None:
+        """An evaluation run under the training run ``run_name``; its numbers also go on that run.
+
+        Args:
+            run_name: the evaluated training run (tag ``vitadapter.run``); without one, a stand-alone run.
+            mode: ``ss`` or ``ms``.
+            metrics: the evaluation summary (``mIoU``, ``aAcc``, ``mAcc``, ``published_miou``,
+                ``delta_miou``, ``num_images``, ``checkpoint``, ...).
+            per_class: columns ``name``, ``IoU``, ``Acc`` (logged as an MLflow table).
+            artifacts: sample overlay images.
+            tags: tags of the run.
+        """
+
+        def record(store: _Store) -> None:
+            experiment = self.settings.experiment
+            found = store.find_runs(experiment, {TAG_RUN: run_name, TAG_KIND: KIND_TRAIN}, max_results=1)
+            eval_tags = {**tags, TAG_RUN: run_name, TAG_KIND: KIND_EVAL, TAG_MODE: mode}
+            if found:
+                eval_tags[PARENT_TAG] = found[0].info.run_id
+            else:
+                log.info("no MLflow training run of %s: logging a stand-alone evaluation run", run_name)
+            run_id = store.create_run(experiment, f"{run_name}-eval-{mode}", eval_tags)
+            summary = evaluation_metrics(mode, metrics)
+            store.log(
+                run_id,
+                metrics=summary,
+                params={k: str(metrics[k]) for k in ("run", "config", "mode", "checkpoint") if k in metrics},
+            )
+            store.client.log_table(run_id, data=per_class, artifact_file=f"per_class_{mode}.json")
+            for path in artifacts:
+                store.client.log_artifact(run_id, str(path), f"overlays_{mode}")
+            store.client.set_terminated(run_id, "FINISHED")
+            if found:
+                prefixed = {k: v for k, v in summary.items() if k.startswith(f"{mode}_")}
+                store.log(found[0].info.run_id, metrics=prefixed)
+
+        self._guarded(f"log the {mode} evaluation of {run_name}", record)
+
+    def sync_reference_experiment(self) -> None:
+        """Make ``settings.reference_experiment`` hold each published row of the zoo once (idempotent)."""
+
+        def sync(store: _Store) -> None:
+            experiment = self.settings.reference_experiment
+            existing: dict[str, Run] = {}
+            for run in store.find_runs(experiment, {TAG_KIND: KIND_REFERENCE}, newest_first=False):
+                existing.setdefault(run.data.tags.get(TAG_ZOO, ""), run)
+            created = 0
+            for name, (metrics, params, tags) in reference_rows().items():
+                run = existing.get(name)
+                if run is None:
+                    run_id, created = store.create_run(experiment, name, tags), created + 1
+                    old_metrics, old_params, old_tags = {}, {}, tags
+                else:
+                    run_id = run.info.run_id
+                    old_metrics, old_params, old_tags = run.data.metrics, run.data.params, run.data.tags
+                store.log(
+                    run_id,
+                    metrics={k: v for k, v in metrics.items() if old_metrics.get(k) != v},
+                    params={k: v for k, v in params.items() if k not in old_params},
+                    tags={k: v for k, v in tags.items() if old_tags.get(k) != v},
+                )
+                if run is None or run.info.status != "FINISHED":
+                    store.client.set_terminated(run_id, "FINISHED")
+            log.info("MLflow reference experiment %s on %s: %d new rows", experiment, store.uri, created)
+
+        self._guarded("sync the reference experiment", sync)
+
+    def log_report(self, report: Path, rows: list[dict]) -> None:
+        """A ``report`` run with the markdown report and its rows as a table."""
+
+        def record(store: _Store) -> None:
+            run_id = store.create_run(self.settings.experiment, "report", {TAG_KIND: KIND_REPORT})
+            store.client.log_artifact(run_id, str(report))
+            if rows:
+                columns = list(dict.fromkeys(key for row in rows for key in row))
+                table = {key: [row.get(key) for row in rows] for key in columns}
+                store.client.log_table(run_id, data=table, artifact_file="report_rows.json")
+            evaluated = sum(row.get("miou") is not None for row in rows)
+            store.log(run_id, metrics={"rows": len(rows), "evaluated_rows": evaluated})
+            store.client.set_terminated(run_id, "FINISHED")
+
+        self._guarded("log the report", record)
+
+
+def evaluation_metrics(mode: str, metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The metrics of an evaluation run: plain names and ``<mode>_`` names (as on the training run)."""
+    names = {"published_miou": "published_mIoU", "delta_miou": "delta_mIoU"}
+    keys = ("mIoU", "aAcc", "mAcc", "num_images", "published_miou", "delta_miou")
+    plain = _finite({names.get(key, key): metrics.get(key) for key in keys})
+    prefixed = {
+        f"{mode}_{k}" if k != "published_mIoU" else f"published_{mode}_mIoU": v for k, v in plain.items()
+    }
+    return {**plain, **{k: v for k, v in prefixed.items() if not k.endswith("num_images")}}
+
+
+def _schedule(iterations: int) -> str:
+    return f"{iterations // 1000}k" if iterations % 1000 == 0 else str(iterations)
+
+
+def reference_rows() -> dict[str, tuple[dict[str, float], dict[str, str], dict[str, str]]]:
+    """(metrics, params, tags) of each published row: the seed table's entries and the COCO-Stuff stages."""
+    configs = {name: models.get_config(name) for name in models.list_configs()}
+    stage_of: dict[str, list[str]] = {}
+    for name, config in configs.items():
+        if config.pretrained.init_from:
+            stage_of.setdefault(config.pretrained.init_from, []).append(name)
+    rows = {}
+    for name, config in configs.items():
+        published = config.published
+        if not (published.in_seed_table or name in stage_of):
+            continue
+        metrics = _finite(
+            {"ss_mIoU": published.miou_ss, "ms_mIoU": published.miou_ms, "params_M": published.params_m}
+        )
+        crop = config.data.train.crop_size
+        tags = {
+            TAG_KIND: KIND_REFERENCE,
+            TAG_ZOO: name,
+            "dataset": config.data.dataset,
+            "head": config.head,
+            "crop": f"{crop[0]}x{crop[1]}",
+            "schedule": _schedule(config.schedule.max_iters),
+            "pretrained": config.pretrained.name,
+            "row": "stage" if name in stage_of else "seed_table",
+        }
+        if name in stage_of:
+            tags["stage_of"] = ", ".join(stage_of[name])
+        params = {"reference_config": config.reference_config}
+        if published.reference_num_params is not None:
+            params["reference_num_params"] = str(published.reference_num_params)
+        rows[name] = (metrics, params, tags)
+    return rows
+
+
+def training_curve(log_file: Path) -> Any:
+    """A matplotlib figure of the loss terms and the learning rate of ``train_log.jsonl`` (None if empty)."""
+    if not log_file.is_file():
+        return None
+    records = [json.loads(line) for line in log_file.read_text().splitlines() if line.strip()]
+    if not records:
+        return None
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure state
+
+    iterations = [record["iteration"] for record in records]
+    losses = [key for key in records[0] if "loss" in key]
+    figure = Figure(figsize=(9, 3.5), layout="constrained")
+    loss_axes, lr_axes = figure.subplots(1, 2)
+    for key in losses:
+        loss_axes.plot(iterations, [record.get(key) for record in records], label=key)
+    loss_axes.set(xlabel="iteration", ylabel="loss", title="training loss")
+    if losses:
+        loss_axes.legend(fontsize="small")
+    lr_axes.plot(iterations, [record.get("lr") for record in records])
+    lr_axes.set(xlabel="iteration", ylabel="learning rate", title="learning rate")
+    return figure
+
+
+class TrainingCallback:
+    """The trainer's :class:`pipelines.engine.trainer.Callback`, logging to the tracker's training run."""
+
+    def __init__(self, tracker: Tracker) -> None:
+        self.tracker = tracker
+
+    def on_log(self, iteration: int, values: dict[str, float]) -> None:
+        """Loss terms and lr as ``train/<key>``; throughput and memory keys unprefixed; at step ``iteration``."""
+        named = {key if key in PERF_KEYS else f"train/{key}": value for key, value in values.items()}
+        self.tracker.log_metrics(named, step=iteration)
+
+    def on_eval(self, iteration: int, metrics: dict[str, Any]) -> None:
+        """``val/mIoU``, ``val/aAcc``, ``val/mAcc`` at step ``iteration``."""
+        self.tracker.log_metrics({f"val/{key}": metrics.get(key) for key in VAL_KEYS}, step=iteration)
+
+    def on_checkpoint(self, iteration: int, path: Path, best: bool) -> None:
+        """Tag the last (or best) checkpoint's path and iteration."""
+        key = TAG_BEST_CHECKPOINT if best else TAG_LAST_CHECKPOINT
+        self.tracker.set_tags({key: str(path), f"{key}_iteration": str(iteration)})

@@ -1,0 +1,127 @@
+"""`dvc repro` on a micro setting, with the real DVC: the graph runs, reruns only what changed, and
+`dvc params diff`, `dvc metrics diff` and `dvc exp run -S` work."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from micro_params import micro_params, write_params
+from pipelines.dvcgraph import render_dvc_yaml
+from pipelines.params import load_params
+
+BIN = Path(sys.executable).parent
+GIT_ID = {
+    "GIT_AUTHOR_NAME": "test",
+    "GIT_AUTHOR_EMAIL": "test@example.invalid",
+    "GIT_COMMITTER_NAME": "test",
+    "GIT_COMMITTER_EMAIL": "test@example.invalid",
+}
+
+
+def _run(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"{' '.join(args)}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    root = tmp_path_factory.mktemp("dvc_repo")
+    env = {
+        **os.environ,
+        **GIT_ID,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+    }
+    _run(["git", "init", "-q"], root, env)
+    _run([str(BIN / "dvc"), "init", "-q"], root, env)
+    params_file = write_params(root / "params.yaml", micro_params())
+    (root / "dvc.yaml").write_text(render_dvc_yaml(load_params(params_file), raw=micro_params()))
+    (root / ".gitignore").write_text("mlflow.db\n")
+    _run(["git", "add", "-A"], root, env)
+    _run(["git", "commit", "-qm", "micro pipeline"], root, env)
+    return root, env
+
+
+def test_repro_runs_the_graph_then_only_what_changed(repo) -> None:
+    root, env = repo
+    first = _run([str(BIN / "dvc"), "repro"], root, env)
+    for stage in ("prepare_ade20k", "weights", "train_tiny", "evaluate_tiny_ss", "report"):
+        assert f"Running stage '{stage}'" in first.stdout, stage
+    evaluation = json.loads((root / "metrics" / "tiny" / "eval_ss.json").read_text())
+    assert (
+        evaluation["mode"] == "ss"
+        and evaluation["published_miou"] == 42.6
+        and evaluation["delta_miou"] is not None
+    )
+    assert json.loads((root / "metrics" / "tiny" / "train.json").read_text())["iterations"] == 4
+    assert len(json.loads((root / "metrics" / "tiny" / "train_curve.json").read_text())) == 2
+    assert "| tiny |" in (root / "artifacts" / "reports" / "report.md").read_text()
+    again = _run([str(BIN / "dvc"), "repro"], root, env)
+    assert "Running stage" not in again.stdout
+    _run(["git", "add", "-A"], root, env)
+    _run(["git", "commit", "-qm", "results"], root, env)
+
+    # a changed evaluation setting reruns the evaluation and the report only
+    params = micro_params()
+    params["runs"]["tiny"]["eval"]["limit"] = 3
+    write_params(root / "params.yaml", params)
+    diff = _run([str(BIN / "dvc"), "params", "diff"], root, env)
+    assert "runs.tiny.eval.limit" in diff.stdout
+    rerun = _run([str(BIN / "dvc"), "repro"], root, env)
+    assert (
+        "Running stage 'evaluate_tiny_ss'" in rerun.stdout
+        and "Running stage 'train_tiny'" not in rerun.stdout
+    )
+    metrics = _run([str(BIN / "dvc"), "metrics", "diff", "--json"], root, env)
+    assert "metrics/tiny/eval_ss.json" in metrics.stdout
+    _run(["git", "checkout", "--", "params.yaml"], root, env)
+
+
+def test_exp_run_with_a_set_parameter(repo) -> None:
+    root, env = repo
+    _run([str(BIN / "dvc"), "repro"], root, env)  # back to the committed params
+    _run(["git", "add", "-A"], root, env)
+    _run(["git", "commit", "-qm", "baseline", "--allow-empty"], root, env)
+    result = _run([str(BIN / "dvc"), "exp", "run", "-S", "runs.tiny.train.max_iters=6"], root, env)
+    assert "Running stage 'train_tiny'" in result.stdout
+    shown = _run([str(BIN / "dvc"), "exp", "show", "--json"], root, env)
+    assert "max_iters" in shown.stdout
+
+
+def test_failing_stage_stops_repro(repo, tmp_path: Path) -> None:
+    root, env = repo
+    broken = tmp_path / "broken"
+    shutil.copytree(root, broken, ignore=shutil.ignore_patterns("artifacts", ".dvc/cache", "mlflow.db"))
+    params = micro_params()
+    params["datasets"]["ade20k"] = {"source": "raw", "raw": str(tmp_path / "no_such_download")}
+    write_params(broken / "params.yaml", params)
+    result = subprocess.run(
+        [str(BIN / "dvc"), "repro", "prepare_ade20k"],
+        cwd=broken,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode != 0
+    assert "ADEChallengeData2016.zip" in result.stdout + result.stderr
+
+
+def test_plots_render_without_network_access(repo) -> None:
+    """`vitadapter pipeline plots`: the page inlines vega and the curve data and loads nothing remote."""
+    root, env = repo
+    _run([str(BIN / "dvc"), "repro"], root, env)
+    _run([str(BIN / "vitadapter"), "pipeline", "plots", "--out", "artifacts/plots"], root, env)
+    page = (root / "artifacts" / "plots" / "index.html").read_text()
+    assert "<script src" not in page and "cdn.jsdelivr" not in page
+    assert page.count("<script>") >= 3 and "vegaEmbed" in page
+    assert "metrics_tiny_train_curve_json" in page and '"iteration"' in page
