@@ -121,24 +121,41 @@ def test_two_processes_equal_one_with_the_same_global_batch(twin: Path, tmp_path
     common = ["--max-iters", "6", "--batch-size", "2", "--global-batch", "4", "--checkpoint-interval", "1"]
     common += ["--keep-checkpoints", "6", "--set", "warmup_iters=0", "--log-interval", "1"]
     assert main(_train_cmd(twin, tmp_path / "one", *common)) == 0  # 1 process x 2 x accumulation 2
+    # two torchrun "nodes" of one process each, meeting through a c10d rendezvous on loopback: the multi-node
+    # path of the README (a single node with --nproc-per-node 2 runs the same code)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launcher = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        "29517",
+    command = _train_cmd(twin, tmp_path / "two", *common)
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(rank),
+                "--nproc-per-node",
+                "1",
+                "--rdzv-backend",
+                "c10d",
+                "--rdzv-endpoint",
+                "127.0.0.1:29517",
+                "--rdzv-id",
+                "equivalence",
+                "-m",
+                "pipelines.cli",
+                *command,
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
     ]
-    run = subprocess.run(
-        [*launcher, "-m", "pipelines.cli", *_train_cmd(twin, tmp_path / "two", *common)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
+    errors = [node.communicate(timeout=600)[1] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], errors[0][-3000:] + errors[1][-3000:]
     # the losses of every iteration (forward values of the same samples, batch groups and randomness)
     logs = [
         [json.loads(line) for line in (tmp_path / run / "train_log.jsonl").read_text().splitlines()]

@@ -125,3 +125,20 @@ def test_plots_render_without_network_access(repo) -> None:
     assert "<script src" not in page and "cdn.jsdelivr" not in page
     assert page.count("<script>") >= 3 and "vegaEmbed" in page
     assert "metrics_tiny_train_curve_json" in page and '"iteration"' in page
+
+
+def test_remote_push_and_pull(repo, tmp_path: Path) -> None:
+    """`dvc remote add`, `dvc push`, outputs removed, `dvc pull` restores them (a folder remote here)."""
+    root, env = repo
+    _run([str(BIN / "dvc"), "repro"], root, env)
+    remote = tmp_path / "remote"
+    _run([str(BIN / "dvc"), "remote", "add", "-f", "-d", "storage", str(remote)], root, env)
+    _run([str(BIN / "dvc"), "push"], root, env)
+    shards = root / "artifacts" / "data" / "ade20k"
+    before = sorted(p.name for p in shards.iterdir())
+    shutil.rmtree(shards)
+    shutil.rmtree(root / ".dvc" / "cache")
+    _run([str(BIN / "dvc"), "pull"], root, env)
+    assert sorted(p.name for p in shards.iterdir()) == before
+    status = _run([str(BIN / "dvc"), "status"], root, env)
+    assert "changed" not in status.stdout
