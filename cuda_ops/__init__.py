@@ -24,9 +24,9 @@ from types import ModuleType
 
 import torch
 
-from cuda_ops.dispatch import Backend, available_backends, ms_deform_attn, register_backend
+from cuda_ops.dispatch import Backend, available_backends, ms_deform_attn, register_backend, resolve_backend
 
-__all__ = ["TRITON_BACKEND", "available_backends", "ms_deform_attn", "register_backend"]
+__all__ = ["TRITON_BACKEND", "available_backends", "ms_deform_attn", "register_backend", "resolve_backend"]
 
 log = logging.getLogger(__name__)
 

@@ -159,11 +159,22 @@ def ms_deform_attn(
     """
     _validate(value, spatial_shapes, sampling_locations, attention_weights)
     shapes = [(int(h), int(w)) for h, w in spatial_shapes]
+    chosen = _BACKENDS[resolve_backend(value, backend)]
+    return chosen.fn(value, shapes, sampling_locations, attention_weights)
+
+
+def resolve_backend(value: torch.Tensor, backend: str = "auto") -> str:
+    """The name of the backend ``ms_deform_attn(value, ..., backend=backend)`` runs.
+
+    Raises:
+        ValueError: unknown backend.
+        RuntimeError: an explicitly requested backend cannot run on ``value``.
+    """
     if backend == "auto":
         for candidate in _BACKENDS.values():
             if candidate.usable_by_auto(value):
-                return candidate.fn(value, shapes, sampling_locations, attention_weights)
-        return ms_deform_attn_pytorch(value, shapes, sampling_locations, attention_weights)
+                return candidate.name
+        return REFERENCE_BACKEND
     chosen = _BACKENDS.get(backend)
     if chosen is None:
         raise ValueError(
@@ -172,4 +183,4 @@ def ms_deform_attn(
     reason = chosen.is_available(value)
     if reason is not None:
         raise RuntimeError(f"ms_deform_attn backend {backend!r} is unavailable for these inputs: {reason}")
-    return chosen.fn(value, shapes, sampling_locations, attention_weights)
+    return chosen.name

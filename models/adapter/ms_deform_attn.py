@@ -12,6 +12,7 @@ also when the values are bfloat16/float16 under autocast.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -20,6 +21,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from cuda_ops import ms_deform_attn
+
+
+@functools.lru_cache(maxsize=64)
+def _offset_normalizer(spatial_shapes: tuple[tuple[int, int], ...], device: torch.device) -> torch.Tensor:
+    """(L, 2) float32 (W_l, H_l) per level, made once per shapes and device (no host-to-device copy per call)."""
+    with torch.inference_mode(False):  # a cached inference tensor could not be saved for a later backward
+        return torch.tensor([[w, h] for h, w in spatial_shapes], dtype=torch.float32, device=device)
 
 
 class MSDeformAttn(nn.Module):
@@ -113,9 +121,7 @@ class MSDeformAttn(nn.Module):
         weights = F.softmax(weights.float(), dim=-1).view(
             batch, queries, self.n_heads, self.n_levels, self.n_points
         )
-        normalizer = torch.tensor(
-            [[w, h] for h, w in spatial_shapes], dtype=torch.float32, device=query.device
-        )  # (L, 2) as (W, H)
+        normalizer = _offset_normalizer(tuple(spatial_shapes), query.device)  # (L, 2) as (W, H)
         # (B, Q, 1, L, 1, 2) + (B, Q, M, L, P, 2) / (1, 1, 1, L, 1, 2)
         locations = (
             reference_points.float()[:, :, None, :, None, :]
