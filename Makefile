@@ -8,9 +8,14 @@ PYTEST_ARGS ?=
 # uv is much faster than pip but ignores pip's config: give it the local wheel folder when it exists.
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: install lint format contracts test test-slow clean help
+# the tools' telemetry stays off; the pipeline's commands come from the venv
+RUN_ENV := PATH="$(CURDIR)/$(BIN):$$PATH" DVC_NO_ANALYTICS=1 MLFLOW_DISABLE_TELEMETRY=true \
+	PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_HOME="$(CURDIR)/artifacts/prefect-home"
+
+.PHONY: install lint format contracts test test-slow demo clean help
 
 help:
+	@echo "make demo      install into $(VENV) and run the whole pipeline (dvc repro) on the embedded default"
 	@echo "make test      install into $(VENV) and run lint, import contracts and the default (CPU) tests"
 	@echo "make test-slow the slow tests (large zoo models)"
 	@echo "make lint      ruff check and format check"
@@ -48,6 +53,17 @@ test: lint contracts
 
 test-slow: install
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+demo: install
+	@mkdir -p artifacts/prefect-home
+	$(RUN_ENV) $(BIN)/dvc repro
+	@$(RUN_ENV) $(BIN)/vitadapter pipeline plots --out artifacts/plots \
+		|| echo "(offline training-curve page skipped: it needs npm once to fetch vega)"
+	@echo
+	@echo "Done. The comparison with the published table: artifacts/reports/report.md"
+	@echo "Metrics: metrics/ (dvc metrics show); training curves: artifacts/plots/index.html"
+	@echo "Open the MLflow UI with:"
+	@echo "  $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

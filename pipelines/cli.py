@@ -20,6 +20,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "pipelines.commands.train",
     "pipelines.commands.evaluate",
     "pipelines.commands.pipeline",
+    "pipelines.commands.flow",
 )
 
 log = logging.getLogger("vitadapter")

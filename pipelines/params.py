@@ -52,7 +52,8 @@ class Tracking:
     """MLflow settings.
 
     Attributes:
-        uri: tracking URI (``sqlite:///mlflow.db`` locally; ``http://host:5000`` for a server).
+        uri: tracking URI (``sqlite:///mlflow.db`` locally; ``http://host:5000`` for a server); the
+            ``MLFLOW_TRACKING_URI`` environment variable, when set, takes precedence (deployments).
         experiment: experiment of the runs.
         reference_experiment: experiment holding the published rows.
         timeout_s: HTTP timeout of one tracking call (an unreachable server never stops training).
@@ -283,6 +284,9 @@ def parse_params(raw: Any, *, source: str = "params.yaml") -> Params:
         if run.gpus < 0 or run.nodes < 1:
             raise ParamsError(f"{source}: runs.{name}: gpus must be >= 0 and nodes >= 1")
     params.run_order()
+    env_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if env_uri:
+        params = dataclasses.replace(params, tracking=dataclasses.replace(params.tracking, uri=env_uri))
     return params
 
 

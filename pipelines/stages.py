@@ -77,12 +77,18 @@ def prepare_stage(params: Params, dataset: str) -> dict[str, Any]:
 # -- weights ----------------------------------------------------------------------------------------
 
 
-def weights_stage(params: Params) -> dict[str, Any]:
-    """Resolve every run's pretrained file (present, or downloaded and hashed; offline: an error naming it)."""
+def weights_stage(params: Params, runs: list[str] | None = None) -> dict[str, Any]:
+    """Resolve the pretrained file of every run, or of ``runs`` (present, or downloaded and hashed;
+    offline: an error naming it). The results are merged into ``metrics/weights.json``."""
     from pipelines.weights import resolve_weights
 
-    resolved: dict[str, Any] = {}
-    for name, run in params.runs.items():
+    summary_file = Path(params.paths.metrics) / "weights.json"
+    resolved: dict[str, Any] = (
+        json.loads(summary_file.read_text()) if runs is not None and summary_file.is_file() else {}
+    )
+    resolved = {k: v for k, v in resolved.items() if k in params.runs}
+    for name in runs if runs is not None else list(params.runs):
+        run = params.run(name)
         config = models.get_config(run.config, **run.overrides)
         if _initialised_from_run(params, run) or run.train.pretrained == "none":
             resolved[name] = {"pretrained": None}
@@ -94,7 +100,7 @@ def weights_stage(params: Params) -> dict[str, Any]:
             path=None if run.train.pretrained == "auto" else run.train.pretrained,
         )
         resolved[name] = {"pretrained": str(path), "sha256": digest}
-    write_json(Path(params.paths.metrics) / "weights.json", resolved)
+    write_json(summary_file, dict(sorted(resolved.items())))
     return resolved
 
 
@@ -158,7 +164,9 @@ def run_spec(params: Params, name: str):
 def torchrun_command(params_file: Path, name: str, run: RunParams) -> list[str]:
     """The ``torchrun`` command line of a multi-GPU (or multi-node) run."""
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={max(run.gpus, 1)}"]
-    if run.nodes > 1:
+    if run.nodes == 1:
+        command.append("--standalone")  # a private rendezvous on a free port (concurrent runs do not clash)
+    else:
         command += [
             f"--nnodes={run.nodes}",
             f"--node-rank={os.environ.get('NODE_RANK', '0')}",

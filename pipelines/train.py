@@ -46,8 +46,10 @@ class RunSpec:
         settings: run-level knobs (work dir, iterations, batch, precision, ...).
         pretrained: ``"auto"`` (the recipe's file from ``weights_dir``, downloaded if possible),
             ``"none"`` (train the trunk from its initialisation) or a file path.
-        init_from: strategy-2 stage checkpoint: ``"auto"`` (the stage run's best checkpoint under
-            ``runs_dir``, else the released file in ``weights_dir``), ``"none"``, or a file path.
+        init_from: strategy-2 stage checkpoint: ``"auto"`` (for entries with a stage 1: the stage run's
+            best checkpoint under ``runs_dir``, else the released file in ``weights_dir``), ``"none"``, or
+            a file path (any entry: the run starts from that checkpoint, class layers re-initialised
+            where their shapes differ).
         weights_dir: folder of pretrained and released files.
         runs_dir: folder of run folders (for ``init_from="auto"``).
         device: ``auto``, ``cpu`` or ``cuda``.
@@ -96,10 +98,10 @@ def _load_pretrained(model: nn.Module, config: SegmentorConfig, spec: RunSpec) -
 def stage_checkpoint_path(config: SegmentorConfig, spec: RunSpec) -> Path | None:
     """The checkpoint a strategy-2 run starts from, or None when the entry has no stage 1."""
     recipe = config.pretrained
+    if spec.init_from not in ("auto", "none"):
+        return Path(spec.init_from)  # an explicit checkpoint, also for entries without a stage 1
     if recipe.init_from is None or spec.init_from == "none":
         return None
-    if spec.init_from != "auto":
-        return Path(spec.init_from)
     candidates = [spec.runs_dir / recipe.init_from / "best_mIoU.pth"]
     latest = spec.runs_dir / recipe.init_from
     if latest.is_dir():

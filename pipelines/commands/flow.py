@@ -1,0 +1,115 @@
+"""``vitadapter flow run experiment|two-stage|pipeline``: the Prefect flows of :mod:`pipelines.flows`.
+
+With ``PREFECT_API_URL`` set (or a Prefect profile that sets it) the flow run is recorded on that
+server; otherwise Prefect starts a temporary local server for the run, whose state lives under
+``PREFECT_HOME`` (``artifacts/prefect-home`` unless set). The command exits 1 when the flow run does
+not complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import tomllib
+from collections.abc import MutableMapping
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PREFECT_HOME = Path("artifacts/prefect-home")
+DEFAULT_PROFILES_FILE = Path("~/.prefect/profiles.toml")
+# Prefect's default (20 s) is short for a first start on a busy 2-core machine (database migrations).
+STARTUP_TIMEOUT_S = "90"
+
+
+def _profile_sets_api_url(profiles_file: Path) -> bool:
+    """Whether the active profile of a Prefect profiles file names a server."""
+    try:
+        data = tomllib.loads(profiles_file.expanduser().read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return False
+    active = data.get("active", "ephemeral")
+    return bool(data.get("profiles", {}).get(active, {}).get("PREFECT_API_URL"))
+
+
+def configure_prefect_environment(environ: MutableMapping[str, str] = os.environ) -> Path | None:
+    """Environment for Prefect, set before prefect is imported.
+
+    Analytics off and a longer start-up timeout for the temporary server. Without a configured server
+    (``PREFECT_API_URL``, or a profile that sets it), ``PREFECT_HOME`` defaults to
+    ``artifacts/prefect-home`` so the temporary server's database and logs stay with the project.
+    ``PREFECT_HOME`` is created: Prefect's temporary server dies when its folder is missing.
+
+    Args:
+        environ: the environment to change (the process's by default).
+
+    Returns:
+        The ``PREFECT_HOME`` that was set or created, or None when a server is configured and
+        ``PREFECT_HOME`` was not set.
+    """
+    environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", STARTUP_TIMEOUT_S)
+    home = environ.get("PREFECT_HOME")
+    if not home:
+        profiles = Path(environ.get("PREFECT_PROFILES_PATH") or DEFAULT_PROFILES_FILE)
+        if environ.get("PREFECT_API_URL") or _profile_sets_api_url(profiles):
+            return None
+        home = str(DEFAULT_PREFECT_HOME.resolve())
+        environ["PREFECT_HOME"] = home
+    path = Path(home).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _run(args: argparse.Namespace) -> int:
+    configure_prefect_environment()
+    if args.verbose < 2:  # httpx logs every call to the Prefect API at INFO
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+    from pipelines.flows import FLOWS
+
+    kwargs = {"params_file": args.params}
+    if args.flow != "pipeline":
+        kwargs["run"] = args.run
+    state = FLOWS[args.flow](**kwargs, return_state=True)
+    flow_run_id = state.state_details.flow_run_id
+    if not state.is_completed():
+        log.error("flow %s (flow run %s) ended %s: %s", args.flow, flow_run_id, state.name, state.message)
+        return 1
+    target = f" {args.run}" if args.flow != "pipeline" else ""
+    print(f"flow {args.flow}{target} completed (flow run {flow_run_id}); params {args.params}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "flow",
+        help="run the Prefect flows (one experiment, the two-stage chain, the whole pipeline)",
+        description=(
+            "Prefect flows over the pipeline's stages, with retries, persisted results and a comparison "
+            "artifact. Without PREFECT_API_URL a temporary local Prefect server records the run. "
+            "Deployments for work pools are in prefect.yaml (`prefect deploy`)."
+        ),
+    )
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    run = actions.add_parser("run", help="run a flow in this process", description="Run a flow here.")
+    flows = run.add_subparsers(dest="flow", metavar="FLOW", required=True)
+
+    def add(name: str, text: str, *, with_run: bool) -> None:
+        sub = flows.add_parser(name, help=text, description=text)
+        if with_run:
+            sub.add_argument("run", help="a run listed under runs in the params file")
+        sub.add_argument("--params", default="params.yaml", help="params file (default params.yaml)")
+        sub.set_defaults(func=_run)
+
+    add(
+        "experiment",
+        "prepare -> weights -> train -> evaluate (each mode) -> compare, for one run",
+        with_run=True,
+    )
+    add(
+        "two-stage",
+        "the chain ending at RUN (its init_from run first, then RUN from its checkpoint), then compare",
+        with_run=True,
+    )
+    add("pipeline", "every run of the params file in order, then the report", with_run=False)

@@ -1,0 +1,298 @@
+"""Prefect 3 flows over the pipeline's stages: one experiment, the two-stage chain, the whole graph.
+
+The stages (:mod:`pipelines.stages`) are the ones ``dvc repro`` runs; here each becomes a task with
+retries on transient failures (a weight download, a ``torchrun`` launch) and a persisted JSON result,
+and each flow ends with a markdown and a table artifact comparing ours with the published numbers.
+This is the only module of the project that imports prefect (``vitadapter flow run ...`` calls it;
+``prefect.yaml`` deploys it).
+
+Tasks take the params file's path and names, never the :class:`~pipelines.params.Params` object, so
+their inputs travel through a deployment's parameters and their cache keys stay plain: the task,
+the flow run, the params file's content and the names. A retried flow run (same flow-run id) reuses
+the results of the tasks that already completed; a new flow run recomputes, and the stages themselves
+reuse prepared shards and resume training from the run folder.
+
+Results are written under ``artifacts/prefect/results`` (relative to the working directory at run
+time), or under ``PREFECT_RESULTS_LOCAL_STORAGE_PATH`` / ``PREFECT_LOCAL_STORAGE_PATH`` when set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import urllib.error
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.context import TaskRunContext
+from prefect.runtime import flow_run
+from prefect.states import State
+
+from pipelines import stages
+from pipelines.params import Params, ParamsError, load_params
+from pipelines.weights import WeightsNotFoundError
+
+DEFAULT_RESULTS_DIR = "artifacts/prefect/results"
+RESULTS_DIR_ENVS = ("PREFECT_RESULTS_LOCAL_STORAGE_PATH", "PREFECT_LOCAL_STORAGE_PATH")
+RESULT_SERIALIZER = "json"
+
+# Weight downloads: a dropped connection or a slow mirror is worth two more tries.
+WEIGHTS_RETRIES = 2
+WEIGHTS_RETRY_DELAYS_S = [10, 60]
+# Training: a torchrun launch can fail for reasons that a new launch gets past (a rank lost with its
+# node, a rendezvous timeout, a port taken). The stage resumes from the run folder's latest checkpoint,
+# so a retry continues where the failed attempt stopped. A SIGTERM (a cancelled flow run, a pre-empted
+# pod) is not retried: the trainer has written a checkpoint and the process is meant to stop.
+TRAIN_RETRIES = 2
+TRAIN_RETRY_DELAYS_S = [30, 120]
+STOPPED_BY_SIGNAL = (128 + 2, 128 + 15)  # the shell's exit status after SIGINT / SIGTERM
+
+
+def result_storage() -> Path:
+    """Where task and flow results are persisted (a relative path resolves when a result is written)."""
+    configured = next((os.environ[name] for name in RESULTS_DIR_ENVS if os.environ.get(name)), None)
+    return Path(configured or DEFAULT_RESULTS_DIR)
+
+
+def params_digest(params_file: str | os.PathLike[str]) -> str:
+    """sha256 of the params file's bytes (empty input when it does not exist: the task reports that)."""
+    path = Path(params_file)
+    return hashlib.sha256(path.read_bytes() if path.is_file() else b"").hexdigest()
+
+
+def stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    """The cache key of a stage task: task, flow run, params file content and the other arguments.
+
+    Args:
+        context: the task run's context (gives the task's name and its flow run).
+        parameters: the task's arguments; ``params_file`` is hashed by content.
+
+    Returns:
+        A key that changes when the flow run, the params file or any other argument changes.
+    """
+    others = {name: value for name, value in parameters.items() if name != "params_file"}
+    digest = hashlib.sha256()
+    digest.update(params_digest(parameters["params_file"]).encode())
+    digest.update(json.dumps(others, sort_keys=True, default=str).encode())
+    return f"{context.task.name}-{context.task_run.flow_run_id}-{digest.hexdigest()[:32]}"
+
+
+# -- which failures are worth a retry ----------------------------------------------------------------
+
+
+def is_transient_download_failure(error: BaseException) -> bool:
+    """A weight download that failed on the network (not a missing URL, not a hash mismatch)."""
+    cause = error.__cause__
+    return isinstance(error, WeightsNotFoundError) and isinstance(
+        cause, urllib.error.URLError | TimeoutError | ConnectionError
+    )
+
+
+def is_transient_training_failure(error: BaseException) -> bool:
+    """A training failure that a new attempt (resuming from the last checkpoint) may get past.
+
+    A failed ``torchrun`` launch (any rank's failure ends it with a non-zero status), or a network
+    error in this process; not a launch stopped by a signal, and not an error of the run's definition.
+    """
+    if isinstance(error, subprocess.CalledProcessError):
+        return error.returncode > 0 and error.returncode not in STOPPED_BY_SIGNAL
+    return isinstance(error, ConnectionError | TimeoutError)
+
+
+def _failure(state: State) -> BaseException | None:
+    error = state.result(raise_on_failure=False)
+    return error if isinstance(error, BaseException) else None
+
+
+def _retry_download(task: Any, task_run: Any, state: State) -> bool:
+    error = _failure(state)
+    return error is not None and is_transient_download_failure(error)
+
+
+def _retry_training(task: Any, task_run: Any, state: State) -> bool:
+    error = _failure(state)
+    return error is not None and is_transient_training_failure(error)
+
+
+# -- tasks -------------------------------------------------------------------------------------------
+
+# Flows and tasks persist their (JSON) results; tasks also reuse them within a retried flow run.
+_FLOW_RESULTS: dict[str, Any] = {
+    "persist_result": True,
+    "result_storage": result_storage(),
+    "result_serializer": RESULT_SERIALIZER,
+}
+_PERSISTED: dict[str, Any] = {**_FLOW_RESULTS, "cache_key_fn": stage_cache_key}
+
+
+def chain_of(params: Params, run: str) -> list[str]:
+    """The runs that ``run`` starts from, first to last, ending with ``run``."""
+    chain = [run]
+    params.run(run)
+    while params.runs[chain[0]].init_from in params.runs:
+        chain.insert(0, params.runs[chain[0]].init_from)
+    return chain
+
+
+@task(name="prepare", task_run_name="prepare-{dataset}", **_PERSISTED)
+def prepare_task(params_file: str, dataset: str) -> dict[str, Any]:
+    """Build the shards of ``dataset`` (synthetic twin or official download)."""
+    return stages.prepare_stage(load_params(params_file), dataset)
+
+
+@task(
+    name="weights",
+    task_run_name="weights",
+    retries=WEIGHTS_RETRIES,
+    retry_delay_seconds=WEIGHTS_RETRY_DELAYS_S,
+    retry_condition_fn=_retry_download,
+    **_PERSISTED,
+)
+def weights_task(params_file: str, runs: list[str]) -> dict[str, Any]:
+    """Resolve (find or download, then hash) the pretrained file of each of ``runs``."""
+    return stages.weights_stage(load_params(params_file), runs)
+
+
+@task(
+    name="train",
+    task_run_name="train-{run}",
+    retries=TRAIN_RETRIES,
+    retry_delay_seconds=TRAIN_RETRY_DELAYS_S,
+    retry_condition_fn=_retry_training,
+    **_PERSISTED,
+)
+def train_task(params_file: str, run: str) -> dict[str, Any]:
+    """Train ``run``: in this process for CPU or one GPU, as a ``torchrun`` subprocess for more."""
+    params = load_params(params_file)
+    spec = params.run(run)
+    if spec.gpus > 1 or spec.nodes > 1:
+        get_run_logger().info("run %s: torchrun on %d GPU(s) x %d node(s)", run, spec.gpus, spec.nodes)
+    return stages.train_stage(params, run, params_file=Path(params_file))
+
+
+@task(name="evaluate", task_run_name="evaluate-{run}-{mode}", **_PERSISTED)
+def evaluate_task(params_file: str, run: str, mode: str) -> dict[str, Any]:
+    """Evaluate ``run`` single-scale (``ss``) or multi-scale + flip (``ms``)."""
+    return stages.evaluate_stage(load_params(params_file), run, mode)
+
+
+def artifact_key(*parts: str) -> str:
+    """An artifact key (lowercase letters, digits and dashes) from free-form parts."""
+    return re.sub(r"[^a-z0-9]+", "-", "-".join(parts).lower()).strip("-")
+
+
+@task(name="compare", task_run_name="compare", **_PERSISTED)
+def compare_task(params_file: str, runs: list[str], key: str) -> list[dict[str, Any]]:
+    """Our mIoU against the published one for ``runs``: a markdown and a table artifact named ``key``."""
+    rows = [row for row in stages.report_rows(load_params(params_file)) if row["run"] in runs]
+    description = f"ViT-Adapter runs {', '.join(runs)} against the published table"
+    create_markdown_artifact(stages.report_markdown(rows), key=key, description=description)
+    create_table_artifact(rows, key=f"{key}-table", description=description)
+    return rows
+
+
+@task(name="report", task_run_name="report", **_PERSISTED)
+def report_task(params_file: str) -> dict[str, Any]:
+    """Write the report of every run and refresh the MLflow reference experiment."""
+    return stages.report_stage(load_params(params_file))
+
+
+# -- flows -------------------------------------------------------------------------------------------
+
+
+def _export_flow_run_id() -> None:
+    """Let the stages (and torchrun's processes) tag their MLflow runs with this flow run."""
+    flow_run_id = flow_run.id
+    if flow_run_id:
+        os.environ[stages.FLOW_RUN_ENV] = flow_run_id
+
+
+def _train_and_evaluate(params: Params, params_file: str, run: str) -> None:
+    train_task(params_file, run)
+    for mode in params.run(run).eval.modes:
+        evaluate_task(params_file, run, mode)
+
+
+@flow(name="experiment", **_FLOW_RESULTS)
+def experiment_flow(run: str, params_file: str = "params.yaml") -> list[dict[str, Any]]:
+    """One run of params.yaml: prepare its dataset, weights, train, evaluate each mode, compare.
+
+    Args:
+        run: a run under ``runs`` in the params file.
+        params_file: the params file (paths in it are relative to the working directory).
+
+    Returns:
+        The comparison rows (ours against the published mIoU) of ``run``.
+    """
+    _export_flow_run_id()
+    params = load_params(params_file)
+    spec = params.run(run)
+    prepare_task(params_file, spec.dataset)
+    weights_task(params_file, chain_of(params, run))
+    _train_and_evaluate(params, params_file, run)
+    return compare_task(params_file, [run], artifact_key("experiment", run))
+
+
+@flow(name="two-stage", **_FLOW_RESULTS)
+def two_stage_flow(run: str, params_file: str = "params.yaml") -> list[dict[str, Any]]:
+    """The chain ending at ``run`` (e.g. COCO-Stuff, then ADE20K from its checkpoint), start to end.
+
+    Prepares every dataset of the chain, resolves the first run's weights, then trains and evaluates
+    each run in order (each starts from the previous run's checkpoint) and compares them all.
+
+    Args:
+        run: the last run of the chain; its ``init_from`` names the previous run.
+        params_file: the params file.
+
+    Returns:
+        The comparison rows of every run of the chain.
+
+    Raises:
+        ParamsError: ``run`` does not start from another run.
+    """
+    _export_flow_run_id()
+    params = load_params(params_file)
+    chain = chain_of(params, run)
+    if len(chain) < 2:
+        raise ParamsError(
+            f"run {run!r} does not start from another run (init_from: {params.run(run).init_from!r}): "
+            "use the experiment flow"
+        )
+    get_run_logger().info("chain: %s", " -> ".join(chain))
+    for dataset in dict.fromkeys(params.run(name).dataset for name in chain):
+        prepare_task(params_file, dataset)
+    weights_task(params_file, chain)
+    for name in chain:
+        _train_and_evaluate(params, params_file, name)
+    return compare_task(params_file, chain, artifact_key("two-stage", run))
+
+
+@flow(name="pipeline", **_FLOW_RESULTS)
+def pipeline_flow(params_file: str = "params.yaml") -> dict[str, Any]:
+    """The whole graph of params.yaml (what ``dvc repro`` runs): every dataset and run, then the report.
+
+    Args:
+        params_file: the params file.
+
+    Returns:
+        The report's summary (its rows and the path of ``report.md``).
+    """
+    _export_flow_run_id()
+    params = load_params(params_file)
+    for dataset in params.datasets:
+        prepare_task(params_file, dataset)
+    order = params.run_order()
+    weights_task(params_file, order)
+    for name in order:
+        _train_and_evaluate(params, params_file, name)
+    summary = report_task(params_file)
+    compare_task(params_file, order, artifact_key("pipeline"))
+    return summary
+
+
+FLOWS = {"experiment": experiment_flow, "two-stage": two_stage_flow, "pipeline": pipeline_flow}
