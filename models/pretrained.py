@@ -30,7 +30,7 @@ import torch
 from scipy.interpolate import RectBivariateSpline
 from torch import nn
 
-from models.checkpoint import LoadReport, unwrap_state_dict
+from models.checkpoint import LoadReport, compare_state_dict, unwrap_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -124,15 +124,7 @@ def convert_pretrained(
         unused = BEIT_UNUSED_PREFIXES
     else:
         unused = VIT_UNUSED_PREFIXES
-    report = LoadReport()
-    for key, value in tensors.items():
-        if key not in target:
-            report.unexpected.append(key)
-        elif tuple(value.shape) != tuple(target[key].shape):
-            report.mismatched.append((key, tuple(target[key].shape), tuple(value.shape)))
-        else:
-            report.loaded.append(key)
-    report.missing = [k for k in target if k not in tensors]
+    report = compare_state_dict(target, tensors)
     ignorable = [k for k in report.unexpected if k.startswith(unused)]
     report.unexpected = [k for k in report.unexpected if k not in ignorable]
     if kind == "beit":

@@ -136,7 +136,9 @@ def test_accumulation_slots_read_what_ranks_would(prepared: dict) -> None:
     for step in range(3):
         bundle = accumulating.step_batches(step)
         _assert_same_batches(bundle, [ranks[r].batch(step) for r in range(2)])
-    loader = build_train_loader(root, PIPELINE, batch_size=2, seed=5, num_workers=0, micro_batches=2, start_step=1)
+    loader = build_train_loader(
+        root, PIPELINE, batch_size=2, seed=5, num_workers=0, micro_batches=2, start_step=1
+    )
     first = next(iter(loader))
     assert isinstance(first, list) and len(first) == 2
     _assert_same_batches(first, accumulating.step_batches(1))

@@ -19,6 +19,7 @@ import torch
 import models
 from data.prepare import prepare_dataset
 from data.synthetic import synthesize
+from micro_params import TINY_DATA, TINY_MODEL
 from models.checkpoint import load_checkpoint_file, save_checkpoint_file
 from pipelines.cli import main
 from pipelines.engine.trainer import TrainSettings
@@ -26,17 +27,7 @@ from pipelines.train import RunSpec, build_model, run_training, stage_checkpoint
 from pipelines.weights import WeightsNotFoundError, resolve_weights
 
 NAME = "upernet_deit_adapter_tiny_512_160k_ade20k"
-TINY = {
-    "embed_dim": 64,
-    "depth": 4,
-    "num_heads": 2,
-    "deform_num_heads": 2,
-    "conv_inplane": 16,
-    "channels": 32,
-    "crop_size": [64, 64],
-    "img_scale": [128, 64],
-    "stride": [48, 48],
-}
+TINY = {**TINY_MODEL, **TINY_DATA}
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ import torch
 
 from data.prepare import prepare_dataset
 from data.synthetic import synthesize
+from micro_params import TINY_DATA, TINY_MODEL
 from models.checkpoint import load_checkpoint_file
 from pipelines.cli import main
 from pipelines.engine.trainer import TrainSettings
@@ -24,17 +25,7 @@ from pipelines.train import RunSpec, run_training
 
 NAME = "upernet_deit_adapter_tiny_512_160k_ade20k"
 CLASSES_USED = 4
-TINY = {
-    "embed_dim": 64,
-    "depth": 4,
-    "num_heads": 2,
-    "deform_num_heads": 2,
-    "conv_inplane": 16,
-    "channels": 32,
-    "crop_size": [64, 64],
-    "img_scale": [128, 64],
-    "stride": [48, 48],
-}
+TINY = {**TINY_MODEL, **TINY_DATA}
 FAST = {**TINY, "lr": 1e-3, "warmup_iters": 10}
 
 

@@ -21,14 +21,7 @@ from models.checkpoint import (
     save_checkpoint_file,
 )
 
-TINY = {
-    "embed_dim": 64,
-    "depth": 4,
-    "num_heads": 2,
-    "deform_num_heads": 2,
-    "conv_inplane": 16,
-    "channels": 32,
-}
+TINY = TINY_MODEL
 NAME = "upernet_deit_adapter_tiny_512_160k_ade20k"
 
 

@@ -103,3 +103,57 @@ def test_committed_params_dvc_yaml_and_zoo_agree() -> None:
     dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     assert {f"train_{n}" for n in params.runs} <= set(dvc)
     assert {f"prepare_{d}" for d in params.datasets} <= set(dvc)
+
+
+# the `dvc exp run -S ...` settings README.md gives for reproducing mask2former_beit_adapter_large_896_80k_ade20k
+README_ROW_SETTINGS = {
+    "datasets.coco_stuff164k.source": "raw",
+    "datasets.coco_stuff164k.raw": "/data/coco_stuff164k",
+    "datasets.ade20k.source": "raw",
+    "datasets.ade20k.raw": "/data/ade",
+    "runs.coco_stage.overrides": "{}",
+    "runs.ade_stage.overrides": "{}",
+    "runs.coco_stage.train": "{pretrained: auto, num_workers: 4}",
+    "runs.ade_stage.train": "{pretrained: auto, num_workers: 4}",
+    "runs.coco_stage.eval": "{modes: [ss, ms]}",
+    "runs.ade_stage.eval": "{modes: [ss, ms]}",
+    "runs.coco_stage.gpus": "8",
+    "runs.coco_stage.nodes": "2",
+    "runs.ade_stage.gpus": "8",
+    "runs.ade_stage.nodes": "2",
+}
+
+
+def test_readme_row_reproduction_gives_the_published_recipe() -> None:
+    readme = (REPO / "README.md").read_text()
+    for key, value in README_ROW_SETTINGS.items():
+        assert f"{key}={value}" in readme or f"'{key}={value}'" in readme, key
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    for key, value in README_ROW_SETTINGS.items():  # what `dvc exp run -S key=value` does
+        *parents, leaf = key.split(".")
+        node = raw
+        for part in parents:
+            node = node[part]
+        node[leaf] = yaml.safe_load(value)
+    params = parse_params(raw)
+    from pipelines.engine.trainer import TrainSettings, plan_batch
+
+    for name, zoo_name in (
+        ("coco_stage", "mask2former_beit_adapter_large_896_80k_cocostuff164k"),
+        ("ade_stage", "mask2former_beit_adapter_large_896_80k_ade20k"),
+    ):
+        run = params.run(name)
+        assert run.config == zoo_name
+        assert models.get_config(run.config, **run.overrides) == models.get_config(
+            zoo_name
+        )  # the published recipe
+        config = models.get_config(zoo_name)
+        settings = TrainSettings(work_dir=Path("unused"))
+        assert plan_batch(config, settings, world_size=run.gpus * run.nodes) == (
+            1,
+            1,
+            16,
+        )  # 16 GPUs x 1 image
+        assert run.train.pretrained == "auto" and run.train.max_iters is None  # the recipe's 80k iterations
+    assert params.run("ade_stage").init_from == "coco_stage"
+    assert params.run_order() == ["coco_stage", "ade_stage"]
