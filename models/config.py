@@ -356,7 +356,9 @@ def _replace_in(obj: Any, key: str, value: Any, path: str) -> tuple[Any, list[st
         where = f"{path}.{f.name}" if path else f.name
         if f.name == key and dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
-                raise ValueError(f"override {where}={value!r}: {where} is a section; give a dict of its fields")
+                raise ValueError(
+                    f"override {where}={value!r}: {where} is a section; give a dict of its fields"
+                )
             section = current
             for sub_key, sub_value in value.items():
                 section, sub_hits = _replace_in(section, sub_key, sub_value, where)

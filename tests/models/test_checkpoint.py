@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import models
+from micro_params import TINY_MODEL
 from models.checkpoint import (
     CheckpointError,
     export_official_state_dict,
