@@ -386,7 +386,8 @@ def apply_overrides(config: SegmentorConfig, **overrides: Any) -> SegmentorConfi
             ``embed_dim=64``, ``crop_size=(64, 64)`` sets the train and eval crops); ``section={...}``
             (a dataclass-valued field at any depth, e.g. ``decode_head``, ``trunk`` or ``eval``)
             applies the dict inside that section only. Changing ``depth`` without giving
-            ``interaction_indexes`` re-derives 4 equal interactions.
+            ``interaction_indexes`` (``num_layers``) re-derives 4 equal interactions (sets the
+            layer-decay depth to it).
 
     Raises:
         ValueError: an unknown field name or a value of the wrong type, naming it.
@@ -405,6 +406,10 @@ def apply_overrides(config: SegmentorConfig, **overrides: Any) -> SegmentorConfi
             backbone.adapter, interaction_indexes=even_interaction_indexes(backbone.trunk.depth)
         )
         result = dataclasses.replace(result, backbone=dataclasses.replace(backbone, adapter=adapter))
+    if "depth" in touched and "num_layers" not in touched and result.optimizer.num_layers is not None:
+        # the layer-wise lr decay counts the trunk's blocks (recipes.md 2.3)
+        optimizer = dataclasses.replace(result.optimizer, num_layers=result.backbone.trunk.depth)
+        result = dataclasses.replace(result, optimizer=optimizer)
     validate(result)
     return result
 

@@ -218,6 +218,27 @@ def _train_and_evaluate(params: Params, params_file: str, run: str) -> None:
         evaluate_task(params_file, run, mode)
 
 
+@flow(name="stage", flow_run_name="{stage}-{run}", **_FLOW_RESULTS)
+def stage_flow(
+    stage: str, run: str, mode: str | None = None, params_file: str = "params.yaml"
+) -> dict[str, Any]:
+    """One node of the DVC graph (``dvc repro`` runs ``vitadapter pipeline train|evaluate``) as a flow run:
+    the training launch gets the train task's retries, and the MLflow runs carry the flow-run id.
+
+    Args:
+        stage: ``train`` or ``evaluate``.
+        run: a run under ``runs`` in the params file.
+        mode: ``ss`` or ``ms`` (evaluate).
+        params_file: the params file.
+    """
+    _export_flow_run_id()
+    if stage == "train":
+        return train_task(params_file, run)
+    if stage == "evaluate" and mode in ("ss", "ms"):
+        return evaluate_task(params_file, run, mode)
+    raise ValueError(f"stage must be 'train' or 'evaluate' with mode ss|ms, got {stage!r} mode {mode!r}")
+
+
 @flow(name="experiment", **_FLOW_RESULTS)
 def experiment_flow(run: str, params_file: str = "params.yaml") -> list[dict[str, Any]]:
     """One run of params.yaml: prepare its dataset, weights, train, evaluate each mode, compare.

@@ -62,6 +62,24 @@ def configure_prefect_environment(environ: MutableMapping[str, str] = os.environ
     return path
 
 
+def run_stage_flow(stage: str, run: str, *, params_file: str, mode: str | None = None) -> dict:
+    """Run one pipeline stage as a Prefect flow run (temporary local server without PREFECT_API_URL).
+
+    Raises:
+        RuntimeError: the flow run did not complete, naming it and its state message.
+    """
+    configure_prefect_environment()
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    from pipelines.flows import stage_flow
+
+    state = stage_flow(stage, run, mode=mode, params_file=params_file, return_state=True)
+    if not state.is_completed():
+        raise RuntimeError(
+            f"stage {stage} {run} (flow run {state.state_details.flow_run_id}) ended {state.name}: {state.message}"
+        )
+    return state.result()
+
+
 def _run(args: argparse.Namespace) -> int:
     configure_prefect_environment()
     if args.verbose < 2:  # httpx logs every call to the Prefect API at INFO

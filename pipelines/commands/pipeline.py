@@ -38,14 +38,27 @@ def _weights(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from pipelines.stages import train_stage
 
-    result = train_stage(_params(args), args.run, params_file=Path(args.params), worker=args.worker)
+    params = _params(args)
+    params.run(args.run)  # an unknown run fails here, before any flow starts
+    if args.worker or args.no_prefect:  # torchrun's processes run the stage itself
+        result = train_stage(params, args.run, params_file=Path(args.params), worker=args.worker)
+    else:
+        from pipelines.commands.flow import run_stage_flow
+
+        result = run_stage_flow("train", args.run, params_file=args.params)
     return _print(result) if result else 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
     from pipelines.stages import evaluate_stage
 
-    return _print(evaluate_stage(_params(args), args.run, args.mode))
+    params = _params(args)
+    params.run(args.run)
+    if args.no_prefect:
+        return _print(evaluate_stage(params, args.run, args.mode))
+    from pipelines.commands.flow import run_stage_flow
+
+    return _print(run_stage_flow("evaluate", args.run, mode=args.mode, params_file=args.params))
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -96,7 +109,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="the pipeline's stages (what dvc repro runs) and dvc.yaml generation",
         description=(
             "Stages of the reproducible graph, driven by params.yaml: prepare DATASET -> weights -> train RUN -> "
-            "evaluate RUN --mode ss|ms -> report. `dvc repro` runs them in order; each can also be run by hand."
+            "evaluate RUN --mode ss|ms -> report. `dvc repro` runs them in order; each can also be run by hand. "
+            "train and evaluate run as Prefect flow runs (on Prefect's temporary local server unless "
+            "PREFECT_API_URL names a server)."
         ),
     )
     actions = parser.add_subparsers(dest="action", metavar="STAGE", required=True)
@@ -114,10 +129,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train = add("train", _train, "train a run of params.yaml (resumes its run folder; torchrun for gpus > 1)")
     train.add_argument("run", help="a run listed under runs in params.yaml")
     train.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    train.add_argument(
+        "--no-prefect", action="store_true", help="run the stage directly, not as a Prefect flow run"
+    )
     evaluate = add("evaluate", _evaluate, "evaluate a trained run and compare with its published number")
     evaluate.add_argument("run", help="a run listed under runs in params.yaml")
     evaluate.add_argument(
         "--mode", choices=("ss", "ms"), required=True, help="single-scale or multi-scale + flip"
+    )
+    evaluate.add_argument(
+        "--no-prefect", action="store_true", help="run the stage directly, not as a Prefect flow run"
     )
     add("report", _report, "write the comparison report and refresh the MLflow reference experiment")
     plots = add("plots", _plots, "dvc plots show with vega inlined, so the page renders offline")

@@ -65,6 +65,18 @@ def test_repro_runs_the_graph_then_only_what_changed(repo) -> None:
     assert json.loads((root / "metrics" / "tiny" / "train.json").read_text())["iterations"] == 4
     assert len(json.loads((root / "metrics" / "tiny" / "train_curve.json").read_text())) == 2
     assert "| tiny |" in (root / "artifacts" / "reports" / "report.md").read_text()
+    # train and evaluate ran as Prefect flow runs, whose ids tag the MLflow runs
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("micro")
+    runs = client.search_runs([experiment.experiment_id], "tags.`vitadapter.run` = 'tiny'")
+    assert {r.data.tags.get("vitadapter.kind") for r in runs} >= {"train", "evaluation"}
+    assert all(
+        r.data.tags.get("vitadapter.prefect_flow_run_id")
+        for r in runs
+        if r.data.tags.get("vitadapter.kind") != "chain"
+    )
     again = _run([str(BIN / "dvc"), "repro"], root, env)
     assert "Running stage" not in again.stdout
     _run(["git", "add", "-A"], root, env)
