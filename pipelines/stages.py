@@ -311,7 +311,7 @@ def checkpoint_for_eval(params: Params, name: str) -> Path:
 def evaluate_stage(params: Params, name: str, mode: str) -> dict[str, Any]:
     """Evaluate run ``name`` single- (``ss``) or multi-scale (``ms``), compare with the published number."""
     from pipelines.engine.distributed import init_distributed
-    from pipelines.engine.evaluator import InferenceSettings, evaluate
+    from pipelines.engine.evaluator import InferenceSettings, evaluate, resolve_precision
     from pipelines.runs import class_names, eval_items, model_from_checkpoint
     from pipelines.specs import test_pipeline
     from pipelines.tracking import Tracker
@@ -324,7 +324,9 @@ def evaluate_stage(params: Params, name: str, mode: str) -> dict[str, Any]:
     model, config, _ = model_from_checkpoint(run.config, checkpoint, run.overrides, device=dist_info.device)
     source = eval_items(config, params.data_dir(run.dataset), limit=run.eval.limit)
     settings = InferenceSettings.from_config(
-        config, batch_windows=run.eval.batch_windows, precision=run.eval.precision
+        config,
+        batch_windows=run.eval.batch_windows,
+        precision=resolve_precision(config, run.eval.precision, dist_info.device),
     )
     metrics = evaluate(
         model,

@@ -76,3 +76,25 @@ def micro_params(**changes: Any) -> dict[str, Any]:
 def write_params(path: Path, params: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
+
+
+# a tiny BEiT-Adapter + Mask2Former (any Mask2Former zoo entry shrinks to it), on 64-pixel crops
+TINY_M2F = {
+    "embed_dim": 64,
+    "depth": 4,
+    "num_heads": 2,
+    "deform_num_heads": 2,
+    "conv_inplane": 16,
+    "img_size": 64,
+    "feat_channels": 32,
+    "out_channels": 32,
+    "num_queries": 16,
+    "encoder_num_heads": 2,
+    "decoder_num_heads": 2,
+    "encoder_ffn_channels": 64,
+    "decoder_ffn_channels": 64,
+    "train_num_points": 256,
+    "with_cp": False,
+    "pad_short_side": 64,
+    **TINY_DATA,
+}

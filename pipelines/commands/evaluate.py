@@ -13,7 +13,7 @@ log = logging.getLogger(__name__)
 
 def _evaluate(args: argparse.Namespace) -> int:
     from pipelines.engine.distributed import init_distributed
-    from pipelines.engine.evaluator import InferenceSettings, evaluate
+    from pipelines.engine.evaluator import InferenceSettings, evaluate, resolve_precision
     from pipelines.overrides import parse_set_options
     from pipelines.runs import class_names, eval_items, model_from_checkpoint, write_json
     from pipelines.specs import test_pipeline
@@ -24,8 +24,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     source = eval_items(
         config, args.data, rank=dist_info.rank, world_size=dist_info.world_size, limit=args.limit
     )
+    precision = resolve_precision(config, args.precision, dist_info.device)
     settings = InferenceSettings.from_config(
-        config, mode=args.inference, batch_windows=args.batch_windows, precision=args.precision
+        config, mode=args.inference, batch_windows=args.batch_windows, precision=precision
     )
     metrics = evaluate(
         model,
@@ -47,7 +48,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         "checkpoint": str(args.checkpoint),
         "data": source.description,
         "mode": args.mode,
-        "precision": args.precision,
+        "precision": precision,
         "published_miou": published,
         "delta_miou": None if published is None else metrics["mIoU"] - published,
         **metrics,
@@ -129,7 +130,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     evaluate.add_argument("--out", help="also write the metrics (with per-class IoU/Acc) to this JSON file")
     evaluate.add_argument(
-        "--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast (default fp32)"
+        "--precision",
+        choices=("recipe", "fp32", "bf16", "fp16"),
+        default="recipe",
+        help="recipe (default): as the reference measured it, fp16 autocast on CUDA for DeiT-T/S/B and "
+        "AugReg-T/B, fp32 otherwise; or force fp32/bf16/fp16",
     )
     evaluate.add_argument("--limit", type=int, help="only the first N validation images")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -29,6 +29,17 @@ from pipelines.engine.metrics import SegMetrics
 log = logging.getLogger(__name__)
 
 EvalPrecision = Literal["fp32", "bf16", "fp16"]
+PrecisionChoice = Literal["recipe", "fp32", "bf16", "fp16"]
+
+
+def resolve_precision(
+    config: SegmentorConfig, requested: PrecisionChoice, device: torch.device
+) -> EvalPrecision:
+    """``recipe``: how the reference's test.py ran this config (recipes.md 2.6): fp16 autocast on CUDA for
+    the five configs whose ``fp16`` key switches it on (DeiT-T/S/B, AugReg-T/B), fp32 otherwise and on CPU."""
+    if requested != "recipe":
+        return requested
+    return "fp16" if config.data.eval.fp16 and device.type == "cuda" else "fp32"
 
 
 @dataclass(frozen=True)

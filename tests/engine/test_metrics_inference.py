@@ -109,3 +109,26 @@ def test_probabilities_flip_back_and_unpad() -> None:
     probs = to_probabilities(scores, (4, 4), flipped=True, valid_size=(4, 4))
     assert probs.shape == (1, 2, 4, 4)
     assert probs[0, 0, :, 3].min() > 0.99 and probs[0, 0, :, 0].max() < 0.6
+
+
+def test_evaluation_precision_follows_the_recipe() -> None:
+    """recipes.md 2.6: test.py ran DeiT-T/S/B and AugReg-T/B under fp16 autocast (on GPU), the rest in fp32."""
+    import models
+    from pipelines.engine.evaluator import resolve_precision
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    fp16_rows = [
+        n for n in models.list_configs() if resolve_precision(models.get_config(n), "recipe", cuda) == "fp16"
+    ]
+    assert sorted(fp16_rows) == sorted(
+        [
+            "upernet_deit_adapter_tiny_512_160k_ade20k",
+            "upernet_deit_adapter_small_512_160k_ade20k",
+            "upernet_deit_adapter_base_512_160k_ade20k",
+            "upernet_augreg_adapter_tiny_512_160k_ade20k",
+            "upernet_augreg_adapter_base_512_160k_ade20k",
+        ]
+    )
+    tiny = models.get_config("upernet_deit_adapter_tiny_512_160k_ade20k")
+    assert resolve_precision(tiny, "recipe", cpu) == "fp32"
+    assert resolve_precision(tiny, "bf16", cuda) == "bf16"

@@ -17,7 +17,7 @@ import torch
 
 from data.prepare import prepare_dataset
 from data.synthetic import synthesize
-from micro_params import TINY_DATA, TINY_MODEL
+from micro_params import TINY_DATA, TINY_M2F, TINY_MODEL
 from models.checkpoint import load_checkpoint_file
 from pipelines.cli import main
 from pipelines.engine.trainer import TrainSettings
@@ -282,3 +282,29 @@ def test_evaluate_and_predict_from_an_official_checkpoint(twin: Path, tmp_path: 
         assert pred.shape == original.shape[:2] and pred.dtype == np.uint8 and pred.max() < 150
         overlay = cv2.imread(str(out / f"{image.stem}_overlay.png"))
         assert overlay.shape[0] >= original.shape[0] and overlay.shape[1] > original.shape[1]
+
+
+def test_tiny_mask2former_trains_evaluates_and_predicts_through_the_commands(
+    twin: Path, tmp_path: Path
+) -> None:
+    name = "mask2former_beit_adapter_large_640_160k_ade20k"
+    sets = _sets(TINY_M2F)
+    common = ["--data", str(twin), "--pretrained", "none", "--num-workers", "0", "--no-progress"]
+    train = ["train", name, "--work-dir", str(tmp_path / "run"), "--max-iters", "4", "--batch-size", "2"]
+    assert main([*train, "--global-batch", "2", "--eval-interval", "4", *common, *sets]) == 0
+    checkpoint = tmp_path / "run" / "iter_0000004.pth"
+    for mode in ("ss", "ms"):  # MS: the SETR_Resize scales of the BEiT 640 config, with flip
+        out = tmp_path / f"{mode}.json"
+        args = ["evaluate", name, "--checkpoint", str(checkpoint), "--data", str(twin), "--mode", mode]
+        assert main([*args, "--out", str(out), "--no-progress"]) == 0  # overrides come from the checkpoint
+        metrics = json.loads(out.read_text())
+        assert metrics["num_images"] == 6 and metrics["published_miou"] == (58.3 if mode == "ss" else 59.0)
+    image = sorted((twin.parent / "raw" / "ADEChallengeData2016" / "images" / "validation").glob("*.jpg"))[0]
+    assert (
+        main(["predict", name, "--checkpoint", str(checkpoint), "--out", str(tmp_path / "pred"), str(image)])
+        == 0
+    )
+    assert (
+        cv2.imread(str(tmp_path / "pred" / f"{image.stem}.png"), cv2.IMREAD_UNCHANGED).shape
+        == cv2.imread(str(image)).shape[:2]
+    )

@@ -161,7 +161,9 @@ def test_overrides() -> None:
     config = models.get_config("upernet_deit_adapter_base_512_160k_ade20k", depth=8, num_classes=5)
     assert config.backbone.adapter.interaction_indexes == ((0, 1), (2, 3), (4, 5), (6, 7))
     assert config.optimizer.num_layers == 8  # the layer-wise decay follows the trunk depth
-    assert models.get_config("upernet_augreg_adapter_base_512_160k_ade20k", depth=8).optimizer.num_layers is None
+    assert (
+        models.get_config("upernet_augreg_adapter_base_512_160k_ade20k", depth=8).optimizer.num_layers is None
+    )
     assert config.num_classes == 5
     sectioned = apply_overrides(config, decode_head={"channels": 32})
     assert sectioned.decode_head.channels == 32 and sectioned.auxiliary_head.channels == 256
