@@ -26,6 +26,7 @@ import pytest
 import yaml
 
 import models
+from micro_params import TINY_M2F as SHARED_TINY_M2F
 from micro_params import micro_params, write_params
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,28 +34,12 @@ BIN = Path(sys.executable).parent
 SERVER_START_TIMEOUT_S = 120
 FLOW_RUN_TIMEOUT_S = 420
 
-# A Mask2Former small enough for seconds per step on CPU (the demo's tiny model, fewer layers/queries).
+# A Mask2Former small enough for seconds per step on CPU (the shared tiny model, fewer layers/queries/points).
 TINY_M2F = {
-    "embed_dim": 64,
-    "depth": 4,
-    "num_heads": 2,
-    "deform_num_heads": 2,
-    "conv_inplane": 16,
-    "img_size": 64,
-    "feat_channels": 32,
-    "out_channels": 32,
+    **SHARED_TINY_M2F,
     "num_queries": 8,
     "num_decoder_layers": 3,
-    "encoder_num_heads": 2,
-    "decoder_num_heads": 2,
-    "encoder_ffn_channels": 64,
-    "decoder_ffn_channels": 64,
     "train_num_points": 64,
-    "with_cp": False,
-    "crop_size": [64, 64],
-    "img_scale": [128, 64],
-    "stride": [48, 48],
-    "pad_short_side": 64,
     "lr": 0.0005,
     "warmup_iters": 2,
 }
