@@ -157,3 +157,9 @@ def test_readme_row_reproduction_gives_the_published_recipe() -> None:
         assert run.train.pretrained == "auto" and run.train.max_iters is None  # the recipe's 80k iterations
     assert params.run("ade_stage").init_from == "coco_stage"
     assert params.run_order() == ["coco_stage", "ade_stage"]
+
+
+def test_mlflow_tracking_uri_environment_variable_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert parse_params(micro_params()).tracking.uri == "sqlite:///mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow-host:5000")
+    assert parse_params(micro_params()).tracking.uri == "http://mlflow-host:5000"
