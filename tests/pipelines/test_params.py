@@ -160,6 +160,7 @@ def test_readme_row_reproduction_gives_the_published_recipe() -> None:
 
 
 def test_mlflow_tracking_uri_environment_variable_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert parse_params(micro_params()).tracking.uri == "sqlite:///mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow-host:5000")
     assert parse_params(micro_params()).tracking.uri == "http://mlflow-host:5000"
