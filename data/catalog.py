@@ -178,8 +178,10 @@ CATALOG: dict[str, DatasetInfo] = {
         split_sizes={"train": 4996, "val": 5104},
         raw_encoding="pascal_context_459",
         label_convention=(
-            "459-class ids: the 60 kept ids sorted -> 0..59 (any other id is an error), then background "
-            "0 -> 255 (ignored) and k -> k-1 (mmsegmentation pascal_context converter + reduce_zero_label)"
+            "459-class ids: the 60 kept ids sorted -> 0..59, then background 0 -> 255 (ignored) and k -> k-1 "
+            "(mmsegmentation pascal_context converter + reduce_zero_label); an id outside the kept list is an "
+            "error in the Detail API JSON (as the converter asserts) and background (255) in the original .mat "
+            "LabelMaps, which annotate all 459 classes"
         ),
         reduce_zero_label=True,
         download_help=_PASCAL_HELP,
