@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine:
 #   make test   create .venv, install the project with its test extras, lint, import contracts, tests
-#   make demo   create .venv, install, run the embedded default pipeline (arrives with the pipeline issue)
+#   make demo   create .venv, install, run the embedded default pipeline (dvc repro on synthetic twins)
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -12,7 +12,7 @@ FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 RUN_ENV := PATH="$(CURDIR)/$(BIN):$$PATH" DVC_NO_ANALYTICS=1 MLFLOW_DISABLE_TELEMETRY=true \
 	PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_HOME="$(CURDIR)/artifacts/prefect-home"
 
-.PHONY: install lint format contracts test test-slow demo clean help
+.PHONY: install lint format contracts test test-slow demo shell clean help
 
 help:
 	@echo "make demo      install into $(VENV) and run the whole pipeline (dvc repro) on the embedded default"
@@ -20,6 +20,7 @@ help:
 	@echo "make test-slow the slow tests (large zoo models)"
 	@echo "make lint      ruff check and format check"
 	@echo "make format    ruff format and autofix"
+	@echo "make shell     a shell with the project's environment (vitadapter, dvc, mlflow, prefect on PATH)"
 	@echo "make clean     remove the virtual environment and caches"
 
 $(BIN)/python:
@@ -64,6 +65,11 @@ demo: install
 	@echo "Metrics: metrics/ (dvc metrics show); training curves: artifacts/plots/index.html"
 	@echo "Open the MLflow UI with:"
 	@echo "  $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000"
+	@echo "The commands (vitadapter, dvc, mlflow, prefect) are in $(BIN): run 'make shell' or 'source $(BIN)/activate'"
+
+shell: install
+	@echo "entering a shell with $(VENV) activated (exit to leave)"
+	@$(RUN_ENV) VIRTUAL_ENV="$(CURDIR)/$(VENV)" $${SHELL:-bash} -i
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -11,6 +11,11 @@ time the backend is asked about a tensor it could run on. It runs CUDA tensors; 
 through the Triton interpreter (``TRITON_INTERPRET=1`` set before triton is first imported: for
 tests, slow), and ``auto`` never picks it there. ``auto`` picks it on CUDA only once its parity
 self-check passed for that device and dtype (run lazily, once, at first use).
+
+Which backend runs is chosen per call (``backend=``; the models take it from their config's
+``deform_attn_backend``); ``auto`` defers to the environment variable ``VITADAPTER_DEFORM_ATTN_BACKEND``
+when set. :func:`backend_usage` / :func:`usage_since` tell which backends actually ran, so every run can
+record the kernel behind its numbers.
 """
 
 from __future__ import annotations
@@ -24,9 +29,31 @@ from types import ModuleType
 
 import torch
 
-from cuda_ops.dispatch import Backend, available_backends, ms_deform_attn, register_backend, resolve_backend
+from cuda_ops.dispatch import (
+    BACKEND_ENV,
+    Backend,
+    available_backends,
+    backend_usage,
+    ms_deform_attn,
+    register_backend,
+    requested_backend,
+    resolve_backend,
+    usage_since,
+)
+from cuda_ops.reference import core_dtype
 
-__all__ = ["TRITON_BACKEND", "available_backends", "ms_deform_attn", "register_backend", "resolve_backend"]
+__all__ = [
+    "BACKEND_ENV",
+    "TRITON_BACKEND",
+    "available_backends",
+    "backend_usage",
+    "core_dtype",
+    "ms_deform_attn",
+    "register_backend",
+    "requested_backend",
+    "resolve_backend",
+    "usage_since",
+]
 
 log = logging.getLogger(__name__)
 

@@ -12,6 +12,7 @@ keeps the reference there.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -23,6 +24,8 @@ from cuda_ops.reference import ms_deform_attn_pytorch
 log = logging.getLogger(__name__)
 
 REFERENCE_BACKEND = "pytorch"
+# forces the backend wherever a caller asks for "auto" (the model's config default): auto|pytorch|triton
+BACKEND_ENV = "VITADAPTER_DEFORM_ATTN_BACKEND"
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
@@ -71,6 +74,38 @@ _BACKENDS: dict[str, Backend] = {
         name=REFERENCE_BACKEND, fn=ms_deform_attn_pytorch, is_available=lambda value: None, verified=True
     )
 }
+
+
+# calls per backend that actually ran in this process (what a run records)
+_USAGE: dict[str, int] = {}
+
+
+def backend_usage() -> dict[str, int]:
+    """How many :func:`ms_deform_attn` calls each backend has run in this process so far."""
+    return dict(_USAGE)
+
+
+def usage_since(before: dict[str, int]) -> dict[str, int]:
+    """The calls per backend since ``before`` (a :func:`backend_usage` snapshot), backends that ran only."""
+    return {
+        name: count - before.get(name, 0) for name, count in _USAGE.items() if count > before.get(name, 0)
+    }
+
+
+def requested_backend(backend: str = "auto") -> str:
+    """``backend``, or for ``auto`` the one :data:`BACKEND_ENV` names when it is set.
+
+    Raises:
+        ValueError: the environment variable names no registered backend.
+    """
+    if backend != "auto":
+        return backend
+    forced = os.environ.get(BACKEND_ENV, "").strip().lower()
+    if not forced or forced == "auto":
+        return "auto"
+    if forced not in _BACKENDS:
+        raise ValueError(f"{BACKEND_ENV}={forced!r} is not one of: auto, {', '.join(sorted(_BACKENDS))}")
+    return forced
 
 
 def register_backend(backend: Backend) -> None:
@@ -146,9 +181,10 @@ def ms_deform_attn(
         spatial_shapes: L pairs ``(H_l, W_l)`` of Python ints.
         sampling_locations: (B, Q, M, L, P, 2) normalised (x, y) locations, float32 or float64.
         attention_weights: (B, Q, M, L, P), normalised over L*P by the caller.
-        backend: ``"auto"`` (fastest verified backend available for these inputs, else the
-            reference), ``"pytorch"`` (the reference), or the name of a registered backend
-            (``"triton"``: CUDA tensors with triton installed).
+        backend: ``"auto"`` (the backend :data:`BACKEND_ENV` names when set; else the fastest
+            verified backend available for these inputs, else the reference), ``"pytorch"`` (the
+            reference), or the name of a registered backend (``"triton"``: CUDA tensors with triton
+            installed). Each call counts towards :func:`backend_usage`.
 
     Returns:
         (B, Q, M * D) in the dtype of ``value``.
@@ -160,6 +196,7 @@ def ms_deform_attn(
     _validate(value, spatial_shapes, sampling_locations, attention_weights)
     shapes = [(int(h), int(w)) for h, w in spatial_shapes]
     chosen = _BACKENDS[resolve_backend(value, backend)]
+    _USAGE[chosen.name] = _USAGE.get(chosen.name, 0) + 1
     return chosen.fn(value, shapes, sampling_locations, attention_weights)
 
 
@@ -170,6 +207,7 @@ def resolve_backend(value: torch.Tensor, backend: str = "auto") -> str:
         ValueError: unknown backend.
         RuntimeError: an explicitly requested backend cannot run on ``value``.
     """
+    backend = requested_backend(backend)
     if backend == "auto":
         for candidate in _BACKENDS.values():
             if candidate.usable_by_auto(value):

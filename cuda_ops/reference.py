@@ -1,7 +1,7 @@
 """Pure-PyTorch multi-scale deformable attention (the ground truth of every backend).
 
 Follows the reference ViT-Adapter / Deformable-DETR sampling exactly
-(``../shared/reference/pitfalls.md`` sections 3 and 5): for each level the value map is sampled
+(docs/reference.md §P3, §P5): for each level the value map is sampled
 bilinearly with zero padding and ``align_corners=False`` at ``grid = 2 * loc - 1``, i.e. at pixel
 coordinate ``loc * size - 0.5``, where ``loc`` is the normalised (x, y) sampling location. The
 samples of all levels and points are weighted by the attention weights and summed per head.
@@ -19,8 +19,11 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-# dtypes whose values are sampled in float32 (locations stay in float32, see module docstring)
-_LOW_PRECISION = (torch.bfloat16, torch.float16)
+def core_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the sampling runs in for values of ``dtype``: float64 stays float64 (rounding checks run the
+    whole model in it), everything else runs in float32 (the reference's ``custom_fwd(cast_inputs=float32)``
+    under autocast, docs/reference.md §P5)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def ms_deform_attn_pytorch(
@@ -44,7 +47,7 @@ def ms_deform_attn_pytorch(
     """
     batch, _, heads, channels = value.shape
     _, queries, _, levels, points, _ = sampling_locations.shape
-    compute_dtype = torch.float32 if value.dtype in _LOW_PRECISION else value.dtype
+    compute_dtype = core_dtype(value.dtype)
     value_c = value.to(compute_dtype)
     locations = sampling_locations.to(compute_dtype)
     weights = attention_weights.to(compute_dtype)

@@ -2,7 +2,7 @@
 """Triton multi-scale deformable attention, forward and backward (the ``"triton"`` backend).
 
 Computes exactly the function of :func:`cuda_ops.reference.ms_deform_attn_pytorch` (reference
-ViT-Adapter / Deformable-DETR sampling, ``../shared/reference/pitfalls.md`` sections 3 and 5):
+ViT-Adapter / Deformable-DETR sampling, docs/reference.md §P3, §P5):
 bilinear sampling with zero padding at pixel coordinate ``loc * size - 0.5``
 (``align_corners=False``), weighted by the attention weights (softmax-normalised by the caller)
 and summed per head. Values may be float32, bfloat16 or float16; sampling locations are float32;

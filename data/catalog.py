@@ -1,7 +1,7 @@
 """The dataset catalog: class names, palettes, raw label encodings, train-id conversion, split sizes.
 
-Follows ``../shared/reference/datasets.md`` (label conversions of mmsegmentation's dataset converters) and
-``recipes.md`` section 5 (class names, ``reduce_zero_label``). Imports no torch, so listing datasets and
+Follows ``docs/reference.md`` §D (label conversions of mmsegmentation's dataset converters) and
+``docs/reference.md §R5 (class names, ``reduce_zero_label``). Imports no torch, so listing datasets and
 validating options stays instant.
 
 Every raw label map is turned into *train ids*: ``0 .. num_classes - 1`` for the classes and

@@ -1,6 +1,6 @@
 """Class names of the three datasets, indexed by train id.
 
-Transcribed from ``../shared/reference/recipes.yaml`` (``class_names``), which records mmsegmentation
+Transcribed from ``docs/reference.md`` §R5 (mmsegmentation's ``class_names``), which records mmsegmentation
 0.20.2's dataset classes. ADE20K class 7 keeps mmsegmentation's spelling ``'bed '`` (trailing space) so
 that names match the reference exactly.
 """

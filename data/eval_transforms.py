@@ -1,7 +1,7 @@
 """The reference test-time pipelines (single- and multi-scale, with flip) as a frozen spec.
 
-Follows ``../shared/reference/pitfalls.md`` section 7 and the "SS/MS test pipeline" bullets of
-``recipes.md`` (mmsegmentation 0.20.2 ``MultiScaleFlipAug`` and the ViT-Adapter ``SETR_Resize`` /
+Follows docs/reference.md §P7 and the "SS/MS test pipeline" bullets of
+``docs/reference.md`` §R3 (mmsegmentation 0.20.2 ``MultiScaleFlipAug`` and the ViT-Adapter ``SETR_Resize`` /
 ``PadShortSide``). For each scale, then for each flip (unflipped first), one view is made:
 
 * scales: ``scale`` itself when ``ratios`` is ``None``, else ``(int(scale[0] * r), int(scale[1] * r))`` per
@@ -19,7 +19,7 @@ Follows ``../shared/reference/pitfalls.md`` section 7 and the "SS/MS test pipeli
   the pre-pad ``img_shape`` so inference can crop the padding away (``EncoderDecoderMask2FormerAug``).
 * ``Normalize``: float32, BGR to RGB, ``(x - mean) / std`` as mmcv computes it.
 
-Predictions are averaged by the caller and resized to the original image size (recipes.md 2.5).
+Predictions are averaged by the caller and resized to the original image size (docs/reference.md §R2.5).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Image operations of the reference data pipelines, reproduced exactly (numpy / OpenCV on HWC arrays).
 
-Follows mmcv 1.4.2 and mmsegmentation 0.20.2 as summarised in ``../shared/reference/recipes.md`` (the "Train
-pipeline" and "SS/MS test pipeline" bullets of each config) and ``pitfalls.md`` section 7:
+Follows mmcv 1.4.2 and mmsegmentation 0.20.2 as summarised in ``docs/reference.md`` §R3 (the "Train
+pipeline" and "SS/MS test pipeline" bullets of each config) and ``docs/reference.md §P7:
 
 * :func:`rescale_size` / :func:`imrescale`: mmcv's keep-ratio rescale, scale factor
   ``min(max(scale) / max(h, w), min(scale) / min(h, w))``, new size ``int(x * sf + 0.5)`` (halves round up),
@@ -95,10 +95,15 @@ def impad(image: np.ndarray, height: int, width: int, value: float) -> np.ndarra
 def imnormalize(
     image: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...], *, to_rgb: bool = True
 ) -> np.ndarray:
-    """mmcv ``imnormalize``: ``(H, W, 3)`` uint8 BGR to float32 ``(x - mean) / std`` (RGB when ``to_rgb``)."""
+    """mmcv ``imnormalize``: ``(H, W, 3)`` uint8 BGR to float32 ``(x - mean) / std`` (RGB when ``to_rgb``).
+
+    As mmcv's ``Normalize`` transform, ``mean`` and ``std`` are first rounded to float32 (it stores them as
+    ``np.array(..., dtype=np.float32)``), then widened to float64 for OpenCV's arithmetic, 1/std included
+    (docs/reference.md §R2.7).
+    """
     result = image.astype(np.float32)
-    mean_row = np.float64(np.asarray(mean).reshape(1, -1))
-    std_inverse = 1 / np.float64(np.asarray(std).reshape(1, -1))
+    mean_row = np.float64(np.asarray(mean, dtype=np.float32).reshape(1, -1))
+    std_inverse = 1 / np.float64(np.asarray(std, dtype=np.float32).reshape(1, -1))
     if to_rgb:
         cv2.cvtColor(result, cv2.COLOR_BGR2RGB, result)
     cv2.subtract(result, mean_row, result)

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from data.atomic import atomic_directory
+from data.atomic import atomic_directory, check_disjoint, check_replaceable
 from data.catalog import SPLITS, DatasetName, LabelError, Split, get_dataset
 from data.readers import CorruptFileError, FileRef, RawSample, find_samples, load_sample
 from data.shards import (
@@ -119,7 +119,7 @@ def inputs_fingerprint(dataset: str, samples: dict[str, list[RawSample]], option
 def _existing_index(out: Path) -> DatasetIndex | None:
     if not (out / INDEX_FILE).exists():
         if out.exists() and any(out.iterdir()):
-            log.warning("%s has no %s: a half-written folder, not trusted; rebuilding it", out, INDEX_FILE)
+            log.warning("%s has no %s: not a complete prepared folder", out, INDEX_FILE)
         return None
     try:
         return PreparedDataset.open(out, verify="sha256").index
@@ -151,7 +151,8 @@ def prepare_dataset(
         samples_per_shard: samples per shard file.
         limit: keep only the first ``limit`` samples (by key) of each split, for quick runs.
         workers: reader processes (0: read in this process).
-        force: rebuild even when ``out`` is complete and was made from the same inputs.
+        force: rebuild even when ``out`` is complete and was made from the same inputs, and replace an
+            ``out`` that vitadapter did not write (otherwise refused, :func:`data.atomic.check_replaceable`).
 
     Returns:
         The report; ``reused`` tells whether the existing folder was kept.
@@ -164,6 +165,8 @@ def prepare_dataset(
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
     out = Path(out)
+    check_disjoint(raw, out)
+    check_replaceable(out, force=force)
     samples = {split: find_samples(dataset, raw, split)[:limit] for split in splits}
     options = {
         "splits": list(splits),
@@ -177,7 +180,7 @@ def prepare_dataset(
         log.info("%s is complete and up to date; nothing to do", out)
         return PrepareReport(root=out, index=existing, reused=True)
 
-    with atomic_directory(out) as staging:
+    with atomic_directory(out, writer="vitadapter data prepare", force=force) as staging:
         split_indexes = {}
         for split, split_samples in samples.items():
             writer = SplitWriter(

@@ -3,7 +3,7 @@
 Each reader finds a dataset below a ``raw`` folder, in the layouts listed by the catalog's ``download_help``
 (the archives as downloaded, the folders they extract to, or mmsegmentation's ``data/`` layout), and lists
 its samples per split as :class:`RawSample` values: where the image and the label map live and how the label
-map is encoded (``../shared/reference/datasets.md``). :func:`load_sample` reads one sample, checks it and
+map is encoded (``docs/reference.md`` §D). :func:`load_sample` reads one sample, checks it and
 converts its label map to train ids.
 
 Images are decoded as the reference's ``LoadImageFromFile`` does (OpenCV, colour, BGR uint8); label maps as
@@ -112,15 +112,33 @@ class LoadedSample:
 def decode_image(data: bytes, *, source: str) -> np.ndarray:
     """Decode an image as ``cv2.imdecode(..., IMREAD_COLOR)``: ``(H, W, 3)`` uint8 BGR.
 
+    A JPEG whose end-of-image marker is not among its last bytes is either cut short (corrupt) or followed
+    by trailing bytes (valid: some cameras and editors append data); Pillow's strict decoder tells which.
+
     Raises:
-        CorruptFileError: naming ``source`` when the bytes do not decode, or a JPEG is cut short.
+        CorruptFileError: naming ``source`` when the bytes are empty or do not decode, or a JPEG is cut short.
     """
-    if data.startswith(JPEG_START) and JPEG_END not in data[-JPEG_END_WINDOW:]:
+    if not data:
+        raise CorruptFileError(f"{source}: empty file (0 bytes)")
+    if data.startswith(JPEG_START) and JPEG_END not in data[-JPEG_END_WINDOW:] and not _jpeg_is_complete(data):
         raise CorruptFileError(f"{source}: corrupt image (JPEG without its end marker, file cut short?)")
-    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    try:
+        image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    except cv2.error as err:
+        raise CorruptFileError(f"{source}: corrupt image ({str(err).strip().splitlines()[-1]})") from err
     if image is None:
         raise CorruptFileError(f"{source}: corrupt image (cannot be decoded)")
     return image
+
+
+def _jpeg_is_complete(data: bytes) -> bool:
+    """Whether Pillow decodes the whole JPEG (a truncated one raises; trailing bytes after it are fine)."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError):
+        return False
+    return True
 
 
 def decode_label_image(data: bytes, *, source: str) -> np.ndarray:
@@ -135,6 +153,10 @@ def decode_label_image(data: bytes, *, source: str) -> np.ndarray:
             image.load()
             mode = image.mode
             array = np.array(image)
+    except Image.DecompressionBombError as err:
+        raise CorruptFileError(
+            f"{source}: label map too large to decode safely ({err}); a decompression bomb, not a label map?"
+        ) from err
     except (OSError, SyntaxError, ValueError, EOFError, zlib.error) as err:
         raise CorruptFileError(f"{source}: corrupt label map ({err})") from err
     if array.ndim != 2:

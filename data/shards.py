@@ -12,7 +12,7 @@ re-encoded), ``<key>.label.png`` the train-id label map as a lossless single-cha
 
 ``index.json`` is written last: a folder without it (or whose shards disagree with it) is half-written and is
 never read. Label PNGs are decoded here with ``cv2.IMREAD_UNCHANGED``; webdataset's image decoders would turn
-them into RGB or luminance and destroy the class indices (``../shared/ENVIRONMENT.md``).
+them into RGB or luminance and destroy the class indices (``docs/reference.md`` §E3).
 
 This is the only module of ``data`` that imports webdataset (used to write the shards, imported on first use
 because it imports torch; reading uses ``tarfile`` offsets for random access).
@@ -24,6 +24,7 @@ import bisect
 import hashlib
 import itertools
 import json
+import re
 import logging
 import tarfile
 from dataclasses import asdict, dataclass, field
@@ -202,8 +203,7 @@ class SplitWriter:
             label: ``(H, W)`` uint8 train ids.
             meta: JSON-serialisable metadata.
         """
-        if "." in key:
-            raise ValueError(f"sample key {key!r} must not contain dots (webdataset splits keys at dots)")
+        check_key(key, source=f"{self.split} split")
         check_train_ids(label, self._num_classes, source=f"{self.split}/{key}")
         if self._writer is None:
             self._open_next()
@@ -248,6 +248,29 @@ class ShardRecord:
         return image, label
 
 
+# a sample key is one plain name: it becomes part of output file names (overlays, predictions)
+_SAFE_KEY = re.compile(r"[A-Za-z0-9_-]{1,200}")
+
+
+class UnsafeKeyError(ValueError):
+    """A sample key is not one plain name (it could name a path); the message names the shard and the key."""
+
+
+def check_key(key: str, *, source: str) -> None:
+    """Refuse a sample key that is not one path component of letters, digits, ``_`` and ``-``.
+
+    Dots are refused too: webdataset splits a member name at its first dot into key and extension.
+
+    Raises:
+        UnsafeKeyError: naming ``source`` and the key.
+    """
+    if not _SAFE_KEY.fullmatch(key):
+        raise UnsafeKeyError(
+            f"{source}: sample key {key!r} is not a plain name (1-200 letters, digits, '_' or '-'); "
+            "refusing it: keys become output file names"
+        )
+
+
 class ShardFile:
     """Random access to the samples of one shard through the member offsets of the tar file."""
 
@@ -259,6 +282,7 @@ class ShardFile:
         with tarfile.open(path, mode="r:") as tar:
             for member in tar.getmembers():
                 key, _, suffix = member.name.partition(".")
+                check_key(key, source=str(path))
                 if key not in self._members:
                     self._members[key] = {}
                     self._keys.append(key)

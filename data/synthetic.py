@@ -328,6 +328,7 @@ def synthesize(
     num_classes_used: int | None = None,
     max_shapes: int = 6,
     label_format: PascalLabelFormat = "mat",
+    force: bool = False,
 ) -> TwinReport:
     """Write a synthetic twin of ``dataset`` into ``out`` (replaced atomically).
 
@@ -345,6 +346,7 @@ def synthesize(
         label_format: Pascal Context only: ``mat`` (PASCAL-Context ``trainval/*.mat`` and the
             SegmentationContext split lists) or ``detail_json`` (the Detail API's ``trainval_merged.json``,
             splits as its image sets).
+        force: replace ``out`` even when vitadapter did not write it (otherwise refused).
 
     Returns:
         A :class:`TwinReport`.
@@ -363,7 +365,7 @@ def synthesize(
     detail = _DetailJsonWriter(to_raw) if label_format == "detail_json" else None
     out = Path(out)
     counts = {"train": num_train, "val": num_val}
-    with atomic_directory(out) as staging:
+    with atomic_directory(out, writer="vitadapter data synthesize", force=force) as staging:
         for split, count in counts.items():
             for index in tqdm(range(count), desc=f"twin {dataset} {split}", unit="img"):
                 rng = np.random.default_rng([seed, SPLIT_SALT[split], index])

@@ -1,6 +1,6 @@
 """The reference training pipeline as a small frozen spec plus one function.
 
-Follows the "Train pipeline" bullets of every config in ``../shared/reference/recipes.md`` (mmsegmentation
+Follows the "Train pipeline" bullets of every config in ``docs/reference.md`` §R3 (mmsegmentation
 0.20.2 + the ViT-Adapter ``ToMask``), after ``LoadImageFromFile`` / ``LoadAnnotations`` (the loaders decode
 the shards; labels arrive as train ids, ``reduce_zero_label`` having been applied when the shards were made):
 

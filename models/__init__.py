@@ -16,7 +16,7 @@ _LAZY = {
     "create_segmentor": "models.builder",
     "build_segmentor": "models.builder",
     "count_parameters": "models.builder",
-    "HeadNotAvailableError": "models.builder",
+    "set_deform_attn_backend": "models.builder",
     "load_official_state_dict": "models.checkpoint",
     "export_official_state_dict": "models.checkpoint",
     "load_checkpoint_file": "models.checkpoint",

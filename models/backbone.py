@@ -1,13 +1,13 @@
 """ViT-Adapter backbone: a ViT or BEiT trunk with the adapter around it (Chen et al., "Vision
 Transformer Adapter for Dense Predictions", ICLR 2023).
 
-Follows the reference ``ViTAdapter`` / ``BEiTAdapter`` forward (pitfalls.md sections 1-3):
+Follows the reference ``ViTAdapter`` / ``BEiTAdapter`` forward (docs/reference.md §P1-P3):
 spatial priors (+ ``level_embed`` on the 1/8, 1/16, 1/32 tokens), patch tokens (+ the resized
 ``pos_embed`` for ViT; the cls token kept aside for BEiT), four interactions, then the adapter
 tokens are split back into maps, ``c1 = up(c2) + spm.c1``, each interaction's ViT output is
 bilinearly resized x4/x2/x1/x0.5 and added, and every map gets its own BatchNorm.
 
-Parameter names equal the official checkpoints' (``../shared/reference/manifests/``), so an
+Parameter names equal the official checkpoints' (``docs/reference.md`` §G2), so an
 official ``state_dict`` loads as is. One class serves both trunks; where they differ (cls token,
 position embedding, block type) is spelled out below.
 """
@@ -27,7 +27,6 @@ from models.trunks import ViTBlock, make_beit_block, resize_pos_embed
 
 # the input must be divisible by the coarsest adapter stride (SPM convs vs deform_inputs, ConvFFN split)
 SIZE_DIVISOR = 32
-NUM_OUTPUTS = 4
 OUTPUT_STRIDES = (4, 8, 16, 32)
 POS_EMBED_STD = 0.02
 
@@ -127,7 +126,7 @@ class ViTAdapter(nn.Module):
         """The reference initialisation (used when training without a checkpoint for a part).
 
         Trunk: Linear trunc_normal(0.02), LayerNorm 1/0, ``cls_token``/``pos_embed`` trunc_normal(0.02),
-        layer scales at their init values. Adapter (pitfalls.md section 3, "Init"): Linear
+        layer scales at their init values. Adapter (docs/reference.md §P3, "Init"): Linear
         trunc_normal(0.02) / bias 0; norms 1/0; Conv and ConvTranspose normal(0, sqrt(2/fan_out));
         every MSDeformAttn re-initialised by its own rule; ``level_embed`` normal(0, 1).
         """

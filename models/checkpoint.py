@@ -1,7 +1,7 @@
 """Official ViT-Adapter checkpoints: strict loading, exact export, safe file reading.
 
-The project's modules carry the official parameter names (pitfalls.md section 6;
-``../shared/reference/manifests/``), so an official mmseg ``state_dict`` (keys ``backbone.*``,
+The project's modules carry the official parameter names (docs/reference.md §P6;
+``docs/reference.md`` §G2), so an official mmseg ``state_dict`` (keys ``backbone.*``,
 ``decode_head.*``, ``auxiliary_head.*``) maps one to one onto ``model.state_dict()``, and the
 export gives back exactly that layout. Loading is strict by default: every key must be used and
 every missing, unexpected or mis-shaped key is reported by name.
@@ -16,9 +16,9 @@ from __future__ import annotations
 import io
 import logging
 import os
-import tempfile
+import re
 import zipfile
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +37,12 @@ _STRIP_PREFIXES = ("module.",)
 
 class CheckpointError(ValueError):
     """A checkpoint file or state dict that cannot be used; the message names the file or keys."""
+
+
+# keys named per problem kind in a summary; the key report file has them all
+SUMMARY_KEYS = 8
+# what torch's weights-only unpickler names when it refuses an object
+_UNSAFE_GLOBAL = re.compile(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)")
 
 
 @dataclass
@@ -61,19 +67,25 @@ class LoadReport:
     def complete(self) -> bool:
         return not (self.missing or self.unexpected or self.mismatched)
 
-    def summary(self) -> str:
-        """A readable multi-line report naming every problem key."""
+    def summary(self, *, shown: int = SUMMARY_KEYS) -> str:
+        """A readable report: per problem kind, the count per key prefix and the first ``shown`` keys
+        (the full lists are in :meth:`to_dict`, which the runs write to their key report)."""
         where = f" from {self.source}" if self.source else ""
         lines = [f"loaded {len(self.loaded)} tensors{where}"]
-        if self.missing:
-            lines.append(f"missing ({len(self.missing)}): " + ", ".join(self.missing))
-        if self.unexpected:
-            lines.append(f"unexpected ({len(self.unexpected)}): " + ", ".join(self.unexpected))
-        if self.mismatched:
-            lines.append(
-                f"shape mismatch ({len(self.mismatched)}): "
-                + ", ".join(f"{k} model {list(a)} vs checkpoint {list(b)}" for k, a, b in self.mismatched)
+        mismatched = [f"{k} model {list(a)} vs checkpoint {list(b)}" for k, a, b in self.mismatched]
+        for kind, keys, names in (
+            ("missing", self.missing, self.missing),
+            ("unexpected", self.unexpected, self.unexpected),
+            ("shape mismatch", mismatched, [k for k, _, _ in self.mismatched]),
+        ):
+            if not keys:
+                continue
+            prefixes = Counter(".".join(name.split(".")[:2]) for name in names)
+            by_prefix = ", ".join(f"{prefix} ({count})" for prefix, count in prefixes.most_common())
+            first = ", ".join(keys[:shown]) + (
+                f", ... ({len(keys) - shown} more)" if len(keys) > shown else ""
             )
+            lines.append(f"{kind} ({len(keys)}) by prefix: {by_prefix}; {first}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -174,7 +186,7 @@ def load_official_state_dict(
 def load_stage_checkpoint(
     model: nn.Module, state_dict: Mapping[str, Any], *, source: str | None = None
 ) -> LoadReport:
-    """Initialise a strategy-2 stage from the previous stage's checkpoint (recipes.md 2.2).
+    """Initialise a strategy-2 stage from the previous stage's checkpoint (docs/reference.md §R2.2).
 
     The reference's ``load_from`` of the COCO-Stuff-164k Mask2Former into the ADE20K model: every
     entry whose name and shape match is copied (backbone, adapter, pixel decoder, transformer
@@ -255,11 +267,24 @@ def _open_checkpoint_bytes(path: Path) -> io.BytesIO | Path:
         return io.BytesIO(archive.read(members[0]))
 
 
+def _load_safetensors(path: Path) -> dict[str, Any]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return dict(load_file(path, device="cpu"))
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file (truncated download?): {err}"
+        ) from err
+
+
 def load_checkpoint_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a checkpoint file safely (``weights_only=True``), on the CPU.
 
     Args:
-        path: a ``.pth``/``.pth.tar``/``.pt`` file, or a release ``.zip`` containing exactly one.
+        path: a ``.pth``/``.pth.tar``/``.pt`` file, a release ``.zip`` containing exactly one, or a
+            ``.safetensors`` state dict (timm's releases).
 
     Returns:
         The loaded object (a dict).
@@ -272,6 +297,8 @@ def load_checkpoint_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file {path} does not exist")
+    if path.suffix == ".safetensors":  # timm's releases of the extension trunks
+        return _load_safetensors(path)
     try:
         source = _open_checkpoint_bytes(path)
         with torch.serialization.safe_globals(_safe_globals()):
@@ -279,6 +306,13 @@ def load_checkpoint_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     except CheckpointError:
         raise
     except Exception as err:
+        unsafe = _UNSAFE_GLOBAL.search(str(err))
+        if unsafe:
+            raise CheckpointError(
+                f"refusing to load {path}: it holds a Python object ({unsafe.group(1)}) that only a full "
+                "unpickling would rebuild, which can run arbitrary code; a checkpoint must hold tensors and plain "
+                "values (re-save its state_dict from a trusted environment)"
+            ) from None
         detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(
             f"{path} is not a readable PyTorch checkpoint (truncated download or foreign file?): {detail}"
@@ -286,20 +320,3 @@ def load_checkpoint_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict")
     return dict(obj)
-
-
-def save_checkpoint_file(obj: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Write ``obj`` with ``torch.save`` atomically (temporary file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(dict(obj), handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

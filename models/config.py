@@ -1,32 +1,33 @@
 """Typed, torch-free configuration of a ViT-Adapter segmentor and its reference recipe.
 
 Every zoo entry (:mod:`models.zoo`) is one :class:`SegmentorConfig`. The field values are
-transcribed from ``../shared/reference/recipes.yaml`` (the reference configs with inheritance
+transcribed from ``docs/reference.md`` §R3 (the reference configs with inheritance
 resolved); field docstrings name the reference option they stand for. Nothing here imports torch,
 so listing and validating configs is instant.
 
-Overrides (:func:`apply_overrides`) accept flat field names (applied wherever that field exists in
-the tree, e.g. ``embed_dim=64`` or ``num_classes=5``) or a section name with a dict
-(``decode_head={"channels": 32}``).
+Overrides by dotted path, their checks and the fields derived from others live in
+:mod:`models.overrides`; :func:`validate` holds the cross-field rules every config must satisfy.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-TrunkKind = Literal["vit", "beit"]
+TrunkKind = Literal["vit", "beit", "dinov3", "dinov2", "eva02"]
 HeadKind = Literal["upernet", "mask2former"]
 DatasetName = Literal["ade20k", "coco_stuff164k", "pascal_context_59"]
+DeformAttnBackend = Literal["auto", "pytorch", "triton"]
 IGNORE_INDEX = 255
 NUM_INTERACTIONS = 4
+# classes of each dataset's evaluation protocol (docs/reference.md §D)
+NUM_CLASSES: dict[str, int] = {"ade20k": 150, "coco_stuff164k": 171, "pascal_context_59": 59}
 
 
 @dataclass(frozen=True)
 class TrunkConfig:
-    """The plain ViT (DeiT/AugReg) or BEiT (BEiT/BEiTv2) trunk (recipes.md 2.1).
+    """The plain ViT (DeiT/AugReg) or BEiT (BEiT/BEiTv2) trunk (docs/reference.md §R2.1).
 
     Attributes:
         kind: ``"vit"``: timm-style ViT, no cls token, learned ``pos_embed`` (with its cls slot)
@@ -36,6 +37,11 @@ class TrunkConfig:
         img_size: ViT: the resolution ``pos_embed`` was trained at (reference ``img_size`` =
             ``pretrain_size``). BEiT: the only accepted input size (relative-position tables).
         layer_scale_init: initial value of the blocks' layer-scale vectors (1.0 ViT, 1e-6 BEiT).
+        timm_name: kinds ``"dinov3"``, ``"dinov2"``, ``"eva02"`` (extension entries only,
+            :mod:`models.trunks.timm_trunks`): the timm architecture the trunk is built from (e.g.
+            ``"vit_large_patch16_dinov3"``), given ``embed_dim``, ``depth``, ``num_heads``,
+            ``mlp_ratio``, ``qkv_bias``, ``patch_size``, ``img_size`` (the pretraining resolution) and
+            ``layer_scale_init`` (0: no layer scale). None for ``"vit"``/``"beit"``.
     """
 
     kind: TrunkKind
@@ -48,11 +54,12 @@ class TrunkConfig:
     mlp_ratio: float = 4.0
     patch_size: int = 16
     qkv_bias: bool = True
+    timm_name: str | None = None
 
 
 @dataclass(frozen=True)
 class AdapterConfig:
-    """The ViT-Adapter modules around the trunk (pitfalls.md section 3).
+    """The ViT-Adapter modules around the trunk (docs/reference.md §P3).
 
     Attributes:
         deform_num_heads: heads of every MSDeformAttn in the adapter.
@@ -85,7 +92,7 @@ class BackboneConfig:
 
 @dataclass(frozen=True)
 class UperNetConfig:
-    """mmseg ``UPerHead`` on all four backbone outputs (pitfalls.md section 4)."""
+    """mmseg ``UPerHead`` on all four backbone outputs (docs/reference.md §P4)."""
 
     channels: int
     pool_scales: tuple[int, ...] = (1, 2, 3, 6)
@@ -108,7 +115,7 @@ class FCNConfig:
 
 @dataclass(frozen=True)
 class Mask2FormerConfig:
-    """Mask2Former head (pixel decoder + masked-attention decoder + criterion), recipes.md 2.4."""
+    """Mask2Former head (pixel decoder + masked-attention decoder + criterion), docs/reference.md §R2.4."""
 
     feat_channels: int
     out_channels: int
@@ -132,7 +139,7 @@ class Mask2FormerConfig:
 
 @dataclass(frozen=True)
 class OptimizerRecipe:
-    """AdamW with layer-wise lr decay (recipes.md 2.3) or, when ``layer_decay_rate`` is None,
+    """AdamW with layer-wise lr decay (docs/reference.md §R2.3) or, when ``layer_decay_rate`` is None,
     mmcv's DefaultOptimizerConstructor with ``custom_keys`` (the AugReg-B exception).
 
     Attributes:
@@ -152,7 +159,7 @@ class OptimizerRecipe:
 
 @dataclass(frozen=True)
 class ScheduleRecipe:
-    """Iteration-based poly schedule with linear warmup, and the runtime intervals (recipes.md 2.3, 2.6)."""
+    """Iteration-based poly schedule with linear warmup, and the runtime intervals (docs/reference.md §R2.3, §R2.6)."""
 
     max_iters: int
     eval_interval: int
@@ -167,7 +174,7 @@ class ScheduleRecipe:
 
 @dataclass(frozen=True)
 class TrainDataRecipe:
-    """The training pipeline (recipes.md, each config's "Train pipeline").
+    """The training pipeline (docs/reference.md §R3, each config's "Train pipeline").
 
     Attributes:
         img_scale: (long, short) bound of the keep-ratio random rescale, scaled by U(ratio_range).
@@ -190,7 +197,7 @@ class TrainDataRecipe:
 
 @dataclass(frozen=True)
 class MultiScaleRecipe:
-    """Multi-scale + flip test pipeline (recipes.md 2.5 and each config's "MS test pipeline").
+    """Multi-scale + flip test pipeline (docs/reference.md §R2.5 and §R3).
 
     Attributes:
         ratios: multipliers of the single-scale ``img_scale``.
@@ -218,9 +225,9 @@ class EvalRecipe:
     Attributes:
         img_scale: (long, short) of the keep-ratio test resize.
         flip: whether the "single-scale" evaluation adds a flipped pass (True only for the
-            BEiTv2 ADE20K 80k config, recipes.md section 4).
+            BEiTv2 ADE20K 80k config, docs/reference.md §R4).
         ms: the multi-scale recipe, None where the reference has none.
-        fp16: the reference test.py ran this config under fp16 autocast (recipes.md 2.6).
+        fp16: the reference test.py ran this config under fp16 autocast (docs/reference.md §R2.6).
     """
 
     img_scale: tuple[int, int]
@@ -247,7 +254,7 @@ class DataRecipe:
 
 @dataclass(frozen=True)
 class PretrainedRecipe:
-    """Weights a training run starts from (recipes.md 2.2).
+    """Weights a training run starts from (docs/reference.md §R2.2).
 
     Attributes:
         name: the pretraining as the README names it (e.g. ``"DeiT-T"``).
@@ -267,20 +274,29 @@ class PretrainedRecipe:
 
 @dataclass(frozen=True)
 class Published:
-    """Published results of the row (``../shared/seeds/``) and the reference's own parameter count.
+    """Published results of the row (``docs/reference.md`` §S) and the reference's own parameter count.
 
     Attributes:
         miou_ss, miou_ms: README mIoU, None where the README gives none.
         params_m: the README's #Param in millions (rounded as printed).
-        reference_num_params: exact count of the reference code (param_counts.json), None where
+        reference_num_params: exact count of the reference code (docs/reference.md §G3), None where
             unavailable (the COCO-Stuff stages and the BEiTv2 160k config have no manifest).
+        extension: an entry beyond the published rows (:mod:`models.zoo_extensions`): nothing was
+            published for it, so ``miou_ss``/``miou_ms``/``params_m`` are None and ``in_seed_table`` False.
     """
 
     miou_ss: float | None
     miou_ms: float | None
-    params_m: int
+    params_m: int | None
     reference_num_params: int | None = None
     in_seed_table: bool = True
+    extension: bool = False
+
+    def miou(self, mode: Literal["ss", "ms"]) -> float | None:
+        """The published mIoU of single-scale (``ss``) or multi-scale + flip (``ms``) evaluation."""
+        if mode not in ("ss", "ms"):
+            raise ValueError(f"evaluation mode must be 'ss' or 'ms', got {mode!r}")
+        return self.miou_ss if mode == "ss" else self.miou_ms
 
 
 @dataclass(frozen=True)
@@ -302,6 +318,8 @@ class SegmentorConfig:
     align_corners: bool = False
     ignore_index: int = IGNORE_INDEX
     notes: tuple[str, ...] = field(default_factory=tuple)
+    # which multi-scale deformable attention runs (cuda_ops); changes speed, never the weights
+    deform_attn_backend: DeformAttnBackend = "auto"
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict of the whole config."""
@@ -317,111 +335,6 @@ def even_interaction_indexes(depth: int) -> tuple[tuple[int, int], ...]:
         )
     step = depth // NUM_INTERACTIONS
     return tuple((i * step, (i + 1) * step - 1) for i in range(NUM_INTERACTIONS))
-
-
-def _coerce(value: Any, annotation: Any, where: str) -> Any:
-    """Convert lists to tuples and check simple scalar types of an override value."""
-    origin = typing.get_origin(annotation)
-    if origin is tuple and isinstance(value, list | tuple):
-        args = typing.get_args(annotation)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], where) for v in value)
-        return tuple(_coerce(v, a, where) for v, a in zip(value, args, strict=True))
-    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if annotation in (int, float, bool, str) and not isinstance(value, annotation):
-        raise ValueError(f"override {where}={value!r}: expected {annotation.__name__}")
-    if annotation is int and isinstance(value, bool):
-        raise ValueError(f"override {where}={value!r}: expected int")
-    return value
-
-
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _replace_in(obj: Any, key: str, value: Any, path: str) -> tuple[Any, list[str]]:
-    """Set field ``key`` wherever it occurs under dataclass ``obj``; returns (new obj, paths set).
-
-    A dataclass-valued field (a section) takes a dict, applied field by field inside it; a section is
-    never replaced by a plain value.
-    """
-    if not dataclasses.is_dataclass(obj):
-        return obj, []
-    hints = _field_types(type(obj))
-    changes: dict[str, Any] = {}
-    hits: list[str] = []
-    for f in dataclasses.fields(obj):
-        current = getattr(obj, f.name)
-        where = f"{path}.{f.name}" if path else f.name
-        if f.name == key and dataclasses.is_dataclass(current):
-            if not isinstance(value, dict):
-                raise ValueError(
-                    f"override {where}={value!r}: {where} is a section; give a dict of its fields"
-                )
-            section = current
-            for sub_key, sub_value in value.items():
-                section, sub_hits = _replace_in(section, sub_key, sub_value, where)
-                if not sub_hits:
-                    raise ValueError(f"unknown override {where}.{sub_key}")
-                hits.extend(sub_hits)
-            changes[f.name] = section
-        elif f.name == key:
-            changes[f.name] = _coerce(value, hints[f.name], where)
-            hits.append(where)
-        elif dataclasses.is_dataclass(current):
-            new, sub_hits = _replace_in(current, key, value, where)
-            if sub_hits:
-                changes[f.name] = new
-                hits.extend(sub_hits)
-    return (dataclasses.replace(obj, **changes) if changes else obj), hits
-
-
-def apply_overrides(config: SegmentorConfig, **overrides: Any) -> SegmentorConfig:
-    """Return ``config`` with overrides applied.
-
-    Args:
-        config: the zoo entry.
-        **overrides: ``name=value`` sets field ``name`` wherever it exists in the config tree (e.g.
-            ``embed_dim=64``, ``crop_size=(64, 64)`` sets the train and eval crops); ``section={...}``
-            (a dataclass-valued field at any depth, e.g. ``decode_head``, ``trunk`` or ``eval``)
-            applies the dict inside that section only. Changing ``depth`` without giving
-            ``interaction_indexes`` (``num_layers``) re-derives 4 equal interactions (sets the
-            layer-decay depth to it).
-
-    Raises:
-        ValueError: an unknown field name or a value of the wrong type, naming it.
-    """
-    result: Any = config
-    for key, value in overrides.items():
-        result, hits = _replace_in(result, key, value, "")
-        if not hits:
-            raise ValueError(
-                f"unknown override {key!r} for config {config.name!r}; known fields: {sorted(_all_fields(config))}"
-            )
-    touched = {k for k in overrides} | {k for v in overrides.values() if isinstance(v, dict) for k in v}
-    if "depth" in touched and "interaction_indexes" not in touched:
-        backbone = result.backbone
-        adapter = dataclasses.replace(
-            backbone.adapter, interaction_indexes=even_interaction_indexes(backbone.trunk.depth)
-        )
-        result = dataclasses.replace(result, backbone=dataclasses.replace(backbone, adapter=adapter))
-    if "depth" in touched and "num_layers" not in touched and result.optimizer.num_layers is not None:
-        # the layer-wise lr decay counts the trunk's blocks (recipes.md 2.3)
-        optimizer = dataclasses.replace(result.optimizer, num_layers=result.backbone.trunk.depth)
-        result = dataclasses.replace(result, optimizer=optimizer)
-    validate(result)
-    return result
-
-
-def _all_fields(obj: Any) -> set[str]:
-    names: set[str] = set()
-    for f in dataclasses.fields(obj):
-        names.add(f.name)
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
-            names |= _all_fields(value)
-    return names
 
 
 def validate(config: SegmentorConfig) -> None:
@@ -454,8 +367,30 @@ def validate(config: SegmentorConfig) -> None:
         raise ValueError(
             f"{config.name}: img_size={trunk.img_size} is not a multiple of patch_size={trunk.patch_size}"
         )
-    if config.num_classes < 1:
-        raise ValueError(f"{config.name}: num_classes={config.num_classes} must be >= 1")
+    expected_classes = NUM_CLASSES[config.data.dataset]
+    if config.num_classes != expected_classes:
+        raise ValueError(
+            f"{config.name}: num_classes={config.num_classes} does not match data.dataset="
+            f"{config.data.dataset!r}, which has {expected_classes} classes"
+        )
+    train_crop, eval_crop = config.data.train.crop_size, config.data.eval.crop_size
+    if min(train_crop) < 1 or min(eval_crop) < 1:
+        raise ValueError(f"{config.name}: crop sizes must be positive, got {train_crop} / {eval_crop}")
+    if config.data.eval.mode == "slide" and not all(
+        0 < s <= c for s, c in zip(config.data.eval.stride, eval_crop, strict=True)
+    ):
+        raise ValueError(
+            f"{config.name}: data.eval.stride={config.data.eval.stride} must be positive and at most "
+            f"data.eval.crop_size={eval_crop}"
+        )
+    if (
+        trunk.kind == "beit"
+        and (train_crop[0], train_crop[1], eval_crop[0], eval_crop[1]) != (trunk.img_size,) * 4
+    ):
+        raise ValueError(
+            f"{config.name}: a BEiT trunk takes only square {trunk.img_size} inputs (backbone.trunk.img_size="
+            f"{trunk.img_size}), but data.train.crop_size={train_crop} and data.eval.crop_size={eval_crop}"
+        )
     head_type = UperNetConfig if config.head == "upernet" else Mask2FormerConfig
     if not isinstance(config.decode_head, head_type):
         raise ValueError(f"{config.name}: head {config.head!r} needs a {head_type.__name__}")

@@ -1,4 +1,4 @@
-"""Pretrained trunk weights (DeiT, AugReg, BEiT, BEiTv2) as the reference loads them (recipes.md 2.2).
+"""Pretrained trunk weights (DeiT, AugReg, BEiT, BEiTv2) as the reference loads them (docs/reference.md §R2.2).
 
 ViT (DeiT / AugReg, ``my_checkpoint.py``): the state dict is unwrapped (``state_dict``/``model``,
 ``module.`` stripped) and copied by name into the trunk (timm names equal ours); ``cls_token``,
@@ -16,6 +16,9 @@ reaches ``dst // 2``) and evaluated at the integer offsets. The reference used s
 ``interp2d(kind="cubic")``; on a rectilinear grid that is the same s=0 bicubic spline as
 ``RectBivariateSpline(kx=3, ky=3, s=0)``, which replaces it here (interp2d is gone from scipy).
 Unused keys (``fc_norm``, ``head``, ``norm``, ``lm_head``...) are reported, not loaded.
+
+The timm trunks of the extension entries (DINOv3, DINOv2, EVA-02) load through
+:mod:`models.pretrained_timm` (timm's layout, or the authors' converted by timm's own filter).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,6 +34,9 @@ from scipy.interpolate import RectBivariateSpline
 from torch import nn
 
 from models.checkpoint import LoadReport, compare_state_dict, unwrap_state_dict
+from models.config import TrunkKind
+from models.pretrained_timm import convert_timm_pretrained, load_timm_pretrained_trunk
+from models.trunks.timm_trunks import TIMM_TRUNK_KINDS
 
 log = logging.getLogger(__name__)
 
@@ -98,13 +104,15 @@ def _strip(tensors: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[
 
 
 def convert_pretrained(
-    checkpoint: Mapping[str, Any], backbone: nn.Module, kind: Literal["vit", "beit"]
+    checkpoint: Mapping[str, Any], backbone: nn.Module, kind: TrunkKind
 ) -> tuple[dict[str, torch.Tensor], LoadReport, list[str]]:
     """Map a pretrained trunk checkpoint onto ``backbone``'s (ViTAdapter's) parameter names.
 
     Returns:
         (tensors to load, report of loaded/missing/unexpected/mismatched keys, resized keys).
     """
+    if kind in TIMM_TRUNK_KINDS:
+        return convert_timm_pretrained(checkpoint, backbone, backbone.config.trunk)
     tensors = unwrap_state_dict(checkpoint)
     target = backbone.state_dict()
     resized: list[str] = []
@@ -136,16 +144,21 @@ def convert_pretrained(
 def load_pretrained_trunk(
     backbone: nn.Module,
     checkpoint: Mapping[str, Any],
-    kind: Literal["vit", "beit"],
+    kind: TrunkKind,
     *,
     source: str | None = None,
 ) -> tuple[LoadReport, list[str]]:
     """Load pretrained trunk weights into a ViTAdapter backbone as the reference does.
 
+    The timm trunk kinds (``dinov3``, ``dinov2``, ``eva02``) go to
+    :func:`models.pretrained_timm.load_timm_pretrained_trunk`.
+
     Raises:
         ValueError: a ViT checkpoint whose shapes differ from the model (the reference raises too),
             or a checkpoint that loads no trunk weight at all.
     """
+    if kind in TIMM_TRUNK_KINDS:
+        return load_timm_pretrained_trunk(backbone, checkpoint, source=source)
     tensors, report, resized = convert_pretrained(checkpoint, backbone, kind)
     report.source = source
     if kind == "vit" and report.mismatched:

@@ -1,9 +1,9 @@
-"""Encoder-decoder segmentor (mmsegmentation 0.x ``EncoderDecoder`` semantics), pitfalls.md section 4.
+"""Encoder-decoder segmentor (mmsegmentation 0.x ``EncoderDecoder`` semantics), docs/reference.md §P4.
 
 ``forward`` returns the decode head's logits at 1/4 resolution; ``predict`` is whole-image
 inference: those logits bilinearly resized (``align_corners=False``) to the input size, before
 softmax; ``loss`` upsamples the decode and auxiliary logits to the label size and applies the
-reference cross-entropy (recipes.md 2.4), the auxiliary head weighted 0.4. Sliding-window and
+reference cross-entropy (docs/reference.md §R2.4), the auxiliary head weighted 0.4. Sliding-window and
 multi-scale inference live with the evaluator.
 """
 
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.backbone import ViTAdapter
+from models.backbone_timm import build_backbone
 from models.config import FCNConfig, SegmentorConfig, UperNetConfig
 from models.heads import FCNHead, UperNetHead
 from models.losses import pixel_accuracy, seg_cross_entropy
@@ -26,7 +26,7 @@ class EncoderDecoder(nn.Module):
         config: a zoo entry (possibly with overrides) whose head is ``"upernet"``.
 
     Attributes:
-        backbone: :class:`ViTAdapter`.
+        backbone: :class:`models.backbone.ViTAdapter` (or :class:`models.backbone_timm.TimmViTAdapter` for a timm trunk).
         decode_head: :class:`UperNetHead`.
         auxiliary_head: :class:`FCNHead` or None.
     """
@@ -38,7 +38,7 @@ class EncoderDecoder(nn.Module):
         self.config = config
         self.num_classes = config.num_classes
         self.ignore_index = config.ignore_index
-        self.backbone = ViTAdapter(config.backbone)
+        self.backbone = build_backbone(config.backbone)
         channels = [self.backbone.out_channels] * 4
         self.decode_head = UperNetHead(
             in_channels=channels, num_classes=config.num_classes, config=config.decode_head
@@ -95,7 +95,7 @@ class EncoderDecoder(nn.Module):
             )
             term = weight * seg_cross_entropy(logits, labels, ignore_index=self.ignore_index)
             out[f"{prefix}.loss_seg"] = term
-            out[f"{prefix}.acc_seg"] = pixel_accuracy(logits, labels, ignore_index=self.ignore_index)
+            out[f"{prefix}.acc_seg"] = pixel_accuracy(logits, labels)
             total = total + term
         out["loss"] = total
         return out

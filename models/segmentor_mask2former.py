@@ -1,5 +1,5 @@
 """Encoder-decoder segmentor with a Mask2Former head (ViT-Adapter's ``EncoderDecoderMask2Former``),
-pitfalls.md section 4 and recipes.md 2.4-2.5.
+docs/reference.md §P4 and docs/reference.md §R2.4-R2.5.
 
 The same interface as :class:`models.segmentor.EncoderDecoder`:
 
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.backbone import ViTAdapter
+from models.backbone_timm import build_backbone
 from models.config import Mask2FormerConfig, SegmentorConfig
 from models.heads.mask2former import Mask2FormerCriterion, Mask2FormerHead, semantic_inference
 
@@ -33,7 +33,7 @@ class EncoderDecoderMask2Former(nn.Module):
         config: a zoo entry (possibly with overrides) whose head is ``"mask2former"``.
 
     Attributes:
-        backbone: :class:`ViTAdapter`.
+        backbone: :class:`models.backbone.ViTAdapter` (or :class:`models.backbone_timm.TimmViTAdapter` for a timm trunk).
         decode_head: :class:`Mask2FormerHead`.
         auxiliary_head: None (Mask2Former configs have none).
         criterion: :class:`Mask2FormerCriterion` (no parameters).
@@ -48,7 +48,7 @@ class EncoderDecoderMask2Former(nn.Module):
         self.config = config
         self.num_classes = config.num_classes
         self.ignore_index = config.ignore_index
-        self.backbone = ViTAdapter(config.backbone)
+        self.backbone = build_backbone(config.backbone)
         self.decode_head = Mask2FormerHead(
             in_channels=[self.backbone.out_channels] * len(self.backbone.out_strides),
             strides=self.backbone.out_strides,
@@ -79,12 +79,21 @@ class EncoderDecoderMask2Former(nn.Module):
             self(img), size=img.shape[2:], mode="bilinear", align_corners=self.config.align_corners
         )
 
-    def loss(self, img: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    def count_masks(self, labels: torch.Tensor) -> int:
+        """The matched masks of ``labels`` (B, H, W): what the mask terms are normalised by
+        (:meth:`Mask2FormerCriterion.count_masks`); a trainer sums it over the micro-batches of a step."""
+        return self.criterion.count_masks(labels)
+
+    def loss(
+        self, img: torch.Tensor, labels: torch.Tensor, *, num_masks: float | torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """Training losses.
 
         Args:
             img: (B, 3, H, W) normalised crops.
             labels: (B, H, W) int64 train ids with ``ignore_index`` (255) for ignored pixels.
+            num_masks: normaliser of the mask and dice terms (the step's matched masks per process and
+                micro-batch, see :meth:`count_masks`); None: this batch's, averaged over the processes.
 
         Returns:
             ``decode.loss_cls``, ``decode.loss_mask``, ``decode.loss_dice`` (last stage),
@@ -97,7 +106,7 @@ class EncoderDecoderMask2Former(nn.Module):
         if labels.dim() != 3 or labels.shape[0] != img.shape[0] or labels.shape[1:] != img.shape[2:]:
             raise ValueError(f"labels of shape {tuple(labels.shape)} do not match images {tuple(img.shape)}")
         cls_preds, mask_preds = self.forward_stages(img)
-        terms = self.criterion(cls_preds, mask_preds, labels)
+        terms = self.criterion(cls_preds, mask_preds, labels, num_masks=num_masks)
         out = {LOSS_PREFIX + name: value for name, value in terms.items()}
         out["loss"] = torch.stack(list(terms.values())).sum()
         return out

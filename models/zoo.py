@@ -2,19 +2,20 @@
 
 Each entry is named after its reference config file without ``_ss``/``_ms`` (single- vs
 multi-scale is an evaluation setting) and carries the architecture, the full recipe and the
-published numbers. Values are transcribed from ``../shared/reference/recipes.yaml`` (section
-``configurations``) and the published tables in ``../shared/seeds/``; exact reference parameter
-counts from ``../shared/reference/param_counts.json``.
+published numbers. Values are transcribed from ``docs/reference.md`` §R3 (the reference configurations) and the published tables in ``docs/reference.md`` §S; exact reference parameter
+counts from ``docs/reference.md`` §G3.
 
-The 14 rows of the published tables plus the two COCO-Stuff-164k stages of strategy 2 (recipes.md
-2.2) make 16 entries.
+The 14 rows of the published tables plus the two COCO-Stuff-164k stages of strategy 2 (docs/reference.md
+§R2.2) make 16 entries.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from models.config import (
+    NUM_CLASSES,
     AdapterConfig,
     BackboneConfig,
     DataRecipe,
@@ -31,7 +32,6 @@ from models.config import (
     TrainDataRecipe,
     TrunkConfig,
     UperNetConfig,
-    apply_overrides,
     even_interaction_indexes,
     validate,
 )
@@ -40,8 +40,7 @@ IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
 AUGREG_MEAN = (127.5, 127.5, 127.5)
 AUGREG_STD = (127.5, 127.5, 127.5)
-NUM_CLASSES: dict[DatasetName, int] = {"ade20k": 150, "coco_stuff164k": 171, "pascal_context_59": 59}
-# test.py --aug-test ratios, and the _ms configs' ratios of the BEiT 640 / Pascal rows (recipes.md 2.5)
+# test.py --aug-test ratios, and the _ms configs' ratios of the BEiT 640 / Pascal rows (docs/reference.md §R2.5)
 AUG_TEST_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 # BEiT 896 _ms configs: short sides 640 / 768 / 896 of the 896 scale
 BEIT_896_MS_RATIOS = (0.7142857142857143, 0.8571428571428571, 1.0)
@@ -150,7 +149,7 @@ def _data(
     ss_flip: bool = False,
     fp16_test: bool = False,
 ) -> DataRecipe:
-    global_batch = 16  # every reference config (recipes.md section 1)
+    global_batch = 16  # every reference config (docs/reference.md §R1)
     return DataRecipe(
         dataset=dataset,
         mean=mean,
@@ -207,7 +206,7 @@ def _upernet_vit(
     with_cp: bool = False,
     fp16_test: bool = True,
 ) -> SegmentorConfig:
-    """DeiT / AugReg rows: UperNet + ViT-Adapter, ADE20K, crop 512, 160k (recipes.md section 3)."""
+    """DeiT / AugReg rows: UperNet + ViT-Adapter, ADE20K, crop 512, 160k (docs/reference.md §R3)."""
     return SegmentorConfig(
         name=name,
         reference_config=f"segmentation/configs/ade20k/{name}.py",
@@ -283,7 +282,7 @@ def _beit_entry(
     init_from_url: str | None = None,
     reference_suffix: str = "_ss",
 ) -> SegmentorConfig:
-    """BEiT / BEiTv2 rows (UperNet or Mask2Former), recipes.md section 3."""
+    """BEiT / BEiTv2 rows (UperNet or Mask2Former), docs/reference.md §R3."""
     large = size == "large"
     pretrained = PRETRAINED[pretrain]
     if init_from is not None:
@@ -535,23 +534,81 @@ for _entry in _entries():
     _ZOO[_entry.name] = _entry
 
 
-def list_configs(*, head: str | None = None, dataset: str | None = None) -> list[str]:
-    """Names of the zoo entries, optionally filtered by head kind and dataset, in table order."""
+def _register_extensions() -> None:
+    """Add the extension entries (DINOv3/DINOv2/EVA-02 trunks, no published numbers) after the published ones."""
+    from models.zoo_extensions import extension_entries  # here: it builds on this module's helpers
+
+    for entry in extension_entries():
+        validate(entry)
+        _ZOO[entry.name] = entry
+
+
+_register_extensions()
+
+
+def list_configs(
+    *, head: str | None = None, dataset: str | None = None, extensions: bool = False
+) -> list[str]:
+    """Names of the zoo entries, optionally filtered by head kind and dataset, in table order.
+
+    The extension entries (``published.extension``, :mod:`models.zoo_extensions`) are not published
+    rows: they are listed (last) only with ``extensions=True``.
+    """
     return [
         name
         for name, cfg in _ZOO.items()
-        if (head is None or cfg.head == head) and (dataset is None or cfg.data.dataset == dataset)
+        if (extensions or not cfg.published.extension)
+        and (head is None or cfg.head == head)
+        and (dataset is None or cfg.data.dataset == dataset)
     ]
 
 
-def get_config(name: str, **overrides: Any) -> SegmentorConfig:
-    """The zoo entry ``name`` with optional overrides (see :func:`models.config.apply_overrides`).
+def get_config(
+    name: str, overrides: Mapping[str, Any] | None = None, /, *, preset: str | None = None, **more: Any
+) -> SegmentorConfig:
+    """The zoo entry ``name``, optionally shrunk by a preset and changed by overrides.
+
+    Args:
+        name: zoo entry (a trailing ``_ss``/``_ms`` is accepted: the mode is an evaluation setting).
+        overrides: ``{dotted path or alias: value}`` (:mod:`models.overrides`).
+        preset: a named set of overrides applied first (:data:`models.presets.PRESETS`, e.g. ``"tiny"``).
+        **more: further overrides as keywords.
 
     Raises:
         KeyError: unknown name; the message lists the known names.
+        ValueError: an unknown preset, a bad override or an inconsistent result, naming it.
     """
+    from models.overrides import apply_overrides
+
+    config = _entry(name)
+    merged = resolved_overrides(config, overrides, preset=preset, **more)
+    return apply_overrides(config, merged) if merged else config
+
+
+def _entry(name: str) -> SegmentorConfig:
     try:
-        config = _ZOO[name.removesuffix("_ss").removesuffix("_ms")]
+        return _ZOO[name.removesuffix("_ss").removesuffix("_ms")]
     except KeyError:
         raise KeyError(f"unknown zoo entry {name!r}; known: {', '.join(_ZOO)}") from None
-    return apply_overrides(config, **overrides) if overrides else config
+
+
+def resolved_overrides(
+    name: str | SegmentorConfig,
+    overrides: Mapping[str, Any] | None = None,
+    /,
+    *,
+    preset: str | None = None,
+    **more: Any,
+) -> dict[str, Any]:
+    """The preset's and the given overrides as one ``{full path: checked value}`` (later layers win).
+
+    This is what a checkpoint records: rebuilding the entry from it needs no preset and no alias.
+    """
+    from models.overrides import resolve_overrides
+    from models.presets import preset_overrides
+
+    config = _entry(name) if isinstance(name, str) else name
+    merged: dict[str, Any] = {}
+    for layer in (preset_overrides(config, preset), overrides or {}, more):
+        merged.update(resolve_overrides(config, layer))
+    return merged

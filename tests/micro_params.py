@@ -3,23 +3,40 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-# a tiny ViT-Adapter + UperNet (any UperNet zoo entry shrinks to it)
-TINY_MODEL = {
-    "embed_dim": 64,
-    "depth": 4,
-    "num_heads": 2,
-    "deform_num_heads": 2,
-    "conv_inplane": 16,
-    "channels": 32,
-}
-# ... trained and evaluated on 64-pixel crops
-TINY_DATA = {"crop_size": [64, 64], "img_scale": [128, 64], "stride": [48, 48]}
-TINY_UPERNET = {**TINY_MODEL, **TINY_DATA, "lr": 0.001, "warmup_iters": 5}
+import models
+
+# the tiny models (any UperNet or Mask2Former zoo entry shrinks to one, on 64-pixel crops) are the library's
+# "tiny" preset (models/presets.py): the demo and the tests share that one definition
+TINY_MODEL: dict[str, Any] = {"preset": "tiny"}
+TINY_UPERNET_OVERRIDES = {"optimizer.lr": 0.001, "schedule.warmup_iters": 5}
+
+
+def tiny_config(name: str, overrides: dict[str, Any] | None = None, **fields: Any) -> Any:
+    """The tiny preset of ``name`` with ``overrides``; ``fields`` replace top-level fields unchecked (e.g. a
+    small ``num_classes`` for a model test: a config the zoo's validation would refuse for its dataset)."""
+    config = models.get_config(name, overrides, preset="tiny")
+    return dataclasses.replace(config, **fields) if fields else config
+
+
+def tiny_model(name: str, overrides: dict[str, Any] | None = None, **fields: Any) -> Any:
+    """The segmentor of :func:`tiny_config`."""
+    return models.build_segmentor(tiny_config(name, overrides, **fields))
+
+
+def cli_model_args(overrides: dict[str, Any] | None = None, *, preset: str | None = "tiny") -> list[str]:
+    """``--preset`` and ``--set PATH=VALUE`` arguments of the command line."""
+    args = ["--preset", preset] if preset else []
+    for key, value in (overrides or {}).items():
+        args += ["--set", f"{key}={json.dumps(value)}"]
+    return args
+
 
 MICRO: dict[str, Any] = {
     "paths": {
@@ -48,7 +65,8 @@ MICRO: dict[str, Any] = {
     "runs": {
         "tiny": {
             "config": "upernet_deit_adapter_tiny_512_160k_ade20k",
-            "overrides": TINY_UPERNET,
+            "preset": "tiny",
+            "overrides": TINY_UPERNET_OVERRIDES,
             "init_from": "none",
             "train": {
                 "max_iters": 4,
@@ -76,25 +94,3 @@ def micro_params(**changes: Any) -> dict[str, Any]:
 def write_params(path: Path, params: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
-
-
-# a tiny BEiT-Adapter + Mask2Former (any Mask2Former zoo entry shrinks to it), on 64-pixel crops
-TINY_M2F = {
-    "embed_dim": 64,
-    "depth": 4,
-    "num_heads": 2,
-    "deform_num_heads": 2,
-    "conv_inplane": 16,
-    "img_size": 64,
-    "feat_channels": 32,
-    "out_channels": 32,
-    "num_queries": 16,
-    "encoder_num_heads": 2,
-    "decoder_num_heads": 2,
-    "encoder_ffn_channels": 64,
-    "decoder_ffn_channels": 64,
-    "train_num_points": 256,
-    "with_cp": False,
-    "pad_short_side": 64,
-    **TINY_DATA,
-}

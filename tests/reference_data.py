@@ -1,7 +1,7 @@
 """Reference fixtures for the tests: manifests, parameter counts, goldens and the fill rule.
 
-The data live in ``tests/fixtures/reference`` (copied from ``../shared/reference`` by
-``tools/make_reference_fixtures.py``). The fill rule is the one of ``parity/README.md``: every
+The data live in ``tests/fixtures/reference`` (copied from the reference notes' data, see
+``docs/reference.md`` §G1-§G3, by ``tools/make_reference_fixtures.py``). The fill rule is the one of ``docs/reference.md`` §G1.1: every
 state-dict entry keyed ``k`` with shape ``s`` is filled from a generator seeded with the first 8
 bytes of sha256(k).
 """
@@ -77,7 +77,7 @@ def fill_value(key: str, shape: tuple[int, ...], norm_weight_keys: frozenset[str
 def fill_state_dict(
     manifest: Manifest, constructed: dict[str, torch.Tensor], *, rename: dict[str, str] | None = None
 ) -> OrderedDict[str, torch.Tensor]:
-    """An official-layout state dict filled by the rule of parity/README.md.
+    """An official-layout state dict filled by the rule of docs/reference.md §G1.1.
 
     Args:
         manifest: the layout (key, shape, dtype).
@@ -147,3 +147,33 @@ def golden_input(golden: Golden) -> torch.Tensor:
 def load_golden_info(name: str) -> dict:
     """The whole json of a golden (e.g. per-key ``tolerances`` and Mask2Former's attention-mask stats)."""
     return json.loads((FIXTURES / f"golden_{name}.json").read_text())
+
+
+@dataclass(frozen=True)
+class TrainStepGolden:
+    """The recorded training step (docs/reference.md §T): the json's facts and the npz arrays.
+
+    Attributes:
+        info: settings, ``log_vars`` (float32 losses), ``float64_losses``, ``groups`` (every parameter's
+            group, lr and weight decay), ``lr_at_iter``, ``step_iter1500_group_lr``, ``chosen`` (per tensor:
+            shape, ``stride`` of the stored flat subsample, full-gradient norm, pre-step weight sum), ``bn``.
+        arrays: ``grad/<name>`` and ``delta1500/<name>`` (flat subsamples), ``bn/<module>.<stat>.<when>``.
+    """
+
+    info: dict
+    arrays: dict[str, np.ndarray]
+
+    def subsample(self, name: str, tensor: torch.Tensor) -> np.ndarray:
+        """``tensor`` flattened and subsampled like the stored arrays of ``name``, as float64."""
+        spec = self.info["chosen"][name]
+        if list(tensor.shape) != spec["shape"]:
+            raise AssertionError(f"{name}: our shape {tuple(tensor.shape)} vs reference {spec['shape']}")
+        return tensor.detach().reshape(-1)[:: spec["stride"]].double().numpy()
+
+
+def load_train_step(name: str) -> TrainStepGolden:
+    with gzip.open(FIXTURES / f"train_step_{name}.json.gz", "rt") as handle:
+        info = json.load(handle)
+    with np.load(FIXTURES / f"train_step_{name}.npz") as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    return TrainStepGolden(info=info, arrays=arrays)

@@ -1,4 +1,4 @@
-"""Copy the reference data the tests need from ``../shared/reference`` into ``tests/fixtures/reference``.
+"""Copy the reference data the tests need from the reference notes' folder into ``tests/fixtures/reference``.
 
 The repository must stand on its own, so the tests read these compact copies:
 
@@ -7,14 +7,21 @@ The repository must stand on its own, so the tests read these compact copies:
 * ``param_counts.json``: the reference code's exact parameter count per config, from
   ``param_counts.json``.
 * ``golden_<name>.npz`` + ``golden_<name>.json``: outputs of the reference implementation for the
-  fill-rule weights (``parity/README.md``), subsampled with the strides recorded in the json, plus
+  fill-rule weights (``docs/reference.md`` §G1.1), subsampled with the strides recorded in the json, plus
   checksums of the input and of a few filled tensors (``fill_checksums_*.json``), the tolerance of
   each key, and for Mask2Former the statistics of the masked-attention masks.
+* ``train_step_<name>.npz`` + ``train_step_<name>.json.gz``: the recorded training step
+  (``docs/reference.md`` §T, from ``train_step/``): losses (float32 and the float64 rerun), every
+  parameter's group, lr and weight decay, the lr of every group at the recorded iterations, the
+  gradients and the iteration-1500 AdamW update of the chosen tensors (at most
+  :data:`TRAIN_STEP_VALUES` values each, every ``stride``-th element of the flattened tensor), their
+  full-tensor norms, the pre-step weight sums (a check of the fill) and the BatchNorm running statistics.
 
 Files whose content is unchanged are not rewritten (gzip and zip headers carry timestamps, so a
 rewrite would change the bytes of identical data).
 
-Run: ``python tools/make_reference_fixtures.py [--shared ../shared]``.
+Run: ``python tools/make_reference_fixtures.py --reference DIR`` (the folder holding ``manifests/``,
+``param_counts.json``, ``parity/`` and ``train_step/``; what each is: ``docs/reference.md`` §G1-§G3, §T).
 """
 
 from __future__ import annotations
@@ -76,7 +83,7 @@ GOLDENS = {
     ),
 }
 NUM_FILL_CHECKS = 40
-# parity/README.md, "Tolerances": the masked-attention threshold can flip near-threshold entries,
+# docs/reference.md §G1.4: the masked-attention threshold can flip near-threshold entries,
 # which moves the per-stage class and mask predictions by up to ~7e-5
 ATOL = 1e-4
 STAGE_ATOL = 5e-4
@@ -138,17 +145,83 @@ def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     np.savez_compressed(path, **arrays)
 
 
+TRAIN_STEPS = {"golden_train_step_upernet_deit_adapter_tiny": "upernet_deit_adapter_tiny_96x128"}
+TRAIN_STEP_VALUES = 1024  # values kept per chosen tensor (the recording keeps up to 4096)
+
+
+def _flat_subsample(stored: np.ndarray, stored_stride: int) -> tuple[np.ndarray, int]:
+    """At most TRAIN_STEP_VALUES of a recorded ``flat[::stored_stride]`` array, and the total stride."""
+    flat = stored.reshape(-1)
+    extra = -(-flat.size // TRAIN_STEP_VALUES)  # ceil
+    return np.ascontiguousarray(flat[::extra]).astype(np.float32), stored_stride * extra
+
+
+def _train_step(ref: Path, golden: str, name: str) -> None:
+    meta = json.loads((ref / "train_step" / f"{golden}.json").read_text())
+    npz = np.load(ref / "train_step" / f"{golden}.npz")
+    arrays: dict[str, np.ndarray] = {}
+    chosen = {}
+    for key in meta["chosen"]:
+        info = meta["grad"][key]
+        suffix = "" if info["stored"] == "full" else f".{info['stored']}"
+        stored_stride = 1 if info["stored"] == "full" else int(info["stored"].removeprefix("flat_sub"))
+        arrays[f"grad/{key}"], stride = _flat_subsample(npz[f"grad/{key}{suffix}"], stored_stride)
+        arrays[f"delta1500/{key}"], _ = _flat_subsample(npz[f"delta_iter1500/{key}{suffix}"], stored_stride)
+        chosen[key] = {
+            "shape": info["shape"],
+            "stride": stride,
+            "grad_norm": meta["grad_stats_all"][key]["norm"],
+            "grad_max_abs": meta["grad_stats_all"][key]["max_abs"],
+            "param_sum_before": meta["param_stats_before_step"][key]["sum"],
+        }
+    for key in npz.files:
+        if key.startswith("bn/"):
+            arrays[key] = npz[key].astype(np.float32)
+    _write_npz(OUT / f"train_step_{name}.npz", arrays)
+    groups = [
+        {k: group[k] for k in ("group_name", "lr", "lr_scale", "weight_decay", "param_names")}
+        for group in meta["optimizer"]["groups"]
+    ]
+    info = {
+        "source": f"reference train_step/{golden}.json and its npz",
+        "settings": {k: meta["settings"][k] for k in ("torch", "threads", "deterministic", "dtype", "img", "gt")},
+        "model_cfg_changes": meta["settings"]["model_cfg_changes"],
+        "log_vars": meta["log_vars"],
+        "float64_losses": {k: v[0] for k, v in meta["float64_rerun"]["losses"].items()},
+        "float64_total_loss": meta["float64_rerun"]["total_loss"],
+        "optimizer": {k: v for k, v in meta["optimizer"]["defaults"].items() if k in ("betas", "eps")},
+        "groups": groups,
+        "max_iters": meta["lr_schedule"]["max_iters"],
+        "lr_at_iter": meta["lr_schedule"]["lr_at_iter"],
+        "step_iter1500_group_lr": meta["step_iter1500"]["group_lr"],
+        "chosen": chosen,
+        "bn": meta["bn"],
+        # the recording's own float32-vs-float64 difference of each BatchNorm statistic (its rounding floor)
+        "bn_float32_floor": {
+            key.removeprefix("bn/"): value["max_abs_diff_vs_float64"]
+            for key, value in meta["arrays"].items()
+            if key.startswith("bn/") and key.endswith(".after")
+        },
+    }
+    _write_gzip_json(OUT / f"train_step_{name}.json.gz", info)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shared", type=Path, default=Path(__file__).resolve().parents[2] / "shared")
+    parser.add_argument(
+        "--reference",
+        type=Path,
+        required=True,
+        help="the reference folder (manifests/, param_counts.json, parity/, train_step/)",
+    )
     args = parser.parse_args()
-    ref = args.shared / "reference"
+    ref = args.reference
     (OUT / "manifests").mkdir(parents=True, exist_ok=True)
 
     for manifest_path in sorted((ref / "manifests").glob("*.json")):
         manifest = json.loads(manifest_path.read_text())
         compact = {
-            "source": f"shared/reference/manifests/{manifest_path.name}",
+            "source": f"reference manifests/{manifest_path.name}",
             "config": manifest["config"],
             "keys": [[k, manifest["shapes"][k], manifest["dtypes"][k]] for k in manifest["shapes"]],
             "norm_weight_keys": manifest["norm_weight_keys"],
@@ -162,7 +235,7 @@ def main() -> None:
         OUT / "param_counts.json",
         json.dumps(
             {
-                "source": "shared/reference/param_counts.json",
+                "source": "reference param_counts.json",
                 "total_params": {k.removesuffix("_ss"): v["total_params"] for k, v in counts.items()},
                 "per_prefix": {k.removesuffix("_ss"): v["per_prefix"] for k, v in counts.items()},
             },
@@ -197,7 +270,7 @@ def main() -> None:
         fills = json.loads((ref / "parity" / fill_file).read_text())
         checks = _fill_checks(fills, golden)
         info = {
-            "source": f"shared/reference/parity/{golden}.json and its npz",
+            "source": f"reference parity/{golden}.json and its npz",
             "config": meta["config"],
             "what": meta["what"],
             "backbone_overrides": meta.get("backbone_overrides"),
@@ -218,6 +291,8 @@ def main() -> None:
                 "mask2former_attn_masks"
             ]
         _write_text(OUT / f"golden_{name}.json", json.dumps(info, indent=1) + "\n")
+    for golden, name in TRAIN_STEPS.items():
+        _train_step(ref, golden, name)
     print(f"wrote {OUT}")
 
 

@@ -1,7 +1,7 @@
 """Evaluation benchmark (issue 7, item 3c): images/s and peak memory of the real evaluator.
 
 Each image goes through ``pipelines.engine.evaluator.evaluate``, the code of ``vitadapter evaluate``
-and the pipeline's eval stage: the test transform ``pipelines.specs.test_pipeline(config, "ss" | "ms")``
+and the pipeline's eval stage: the test transform ``pipelines.config.specs.test_pipeline(config, "ss" | "ms")``
 (keep-ratio resize, normalisation, and for ``ms`` the config's ratios with flip), sliding-window
 inference with ``InferenceSettings.from_config(config)`` (the recipe's crop and stride, 4 windows a
 forward), one resize to the original size and softmax per view, the average over views, the argmax
@@ -63,9 +63,9 @@ from benchmarks.train_step.common import (
     reset_peak_memory,
 )
 from models.config import SegmentorConfig
+from pipelines.config.specs import test_pipeline
 from pipelines.engine.evaluator import InferenceSettings, evaluate
 from pipelines.engine.inference import slide_windows
-from pipelines.specs import test_pipeline
 
 HERE = Path(__file__).resolve().parent
 IMAGE_SIZE = (512, 683)  # height, width: a 512-short-side image

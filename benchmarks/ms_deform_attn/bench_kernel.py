@@ -312,12 +312,14 @@ def metadata(device: torch.device, bandwidth: float, mode: str, timer: Timer) ->
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    commit = subprocess.run(
-        ["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True, check=False
-    )
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain"], cwd=HERE, capture_output=True, text=True, check=False
-    )
+
+    def git(*args: str) -> str:
+        try:
+            done = subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True, check=False)
+        except OSError:  # no git on this machine
+            return ""
+        return done.stdout.strip() if done.returncode == 0 else ""
+
     return {
         "mode": mode,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -326,8 +328,8 @@ def metadata(device: torch.device, bandwidth: float, mode: str, timer: Timer) ->
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "triton": triton_version,
-        "git_commit": commit.stdout.strip() or None,
-        "git_dirty": bool(dirty.stdout.strip()),
+        "git_commit": git("rev-parse", "HEAD") or None,
+        "git_dirty": bool(git("status", "--porcelain")),
         "bandwidth_GBps": bandwidth / 1e9,
         "timing": f"median of {timer.repeats} after {timer.warmup} warm-up runs; "
         + ("CUDA events, L2 flushed before each run" if device.type == "cuda" else "host clock"),

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 import models
-from models.config import SegmentorConfig, apply_overrides
+from models.config import SegmentorConfig
 
 log = logging.getLogger(__name__)
 
@@ -41,16 +41,6 @@ SMOKE_LABEL = (
 GB = 1e9  # "80 GB" of the issue: decimal gigabytes
 
 # Tiny architecture shared by both smoke models (tests/models/test_segmentor.py and test_mask2former.py).
-_TINY_TRUNK: dict[str, Any] = {
-    "embed_dim": 64,
-    "depth": 4,
-    "num_heads": 2,
-    "deform_num_heads": 2,
-    "img_size": 64,
-    "conv_inplane": 16,
-    "num_classes": 7,
-    "crop_size": (64, 64),
-}
 SMOKE_CROP = 64
 # Smoke evaluation: 64-short-side images (the 512-short-side images scaled by 1/8), 64 windows.
 SMOKE_EVAL_IMAGE = (64, 85)
@@ -63,8 +53,8 @@ class ModelSpec:
     Attributes:
         key: the name on the command line.
         zoo: the zoo entry (``models.list_configs()``).
-        tiny: overrides of the CPU smoke run (a few hundred thousand parameters).
-        tiny_eval: extra overrides of the smoke evaluation (test scale, crop, stride, padding).
+        tiny: overrides of the CPU smoke run, on top of the ``tiny`` preset (models/presets.py).
+        tiny_eval: extra overrides of the smoke evaluation (test scale, stride).
     """
 
     key: str
@@ -79,39 +69,24 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec(
             "upernet-deit-b",
             "upernet_deit_adapter_base_512_160k_ade20k",
-            {**_TINY_TRUNK, "channels": 32},
-            {"eval": {"img_scale": (256, 64), "crop_size": (64, 64), "stride": (43, 43)}},
+            {},
+            {"data.eval.img_scale": (256, 64), "data.eval.stride": (43, 43)},
         ),
         ModelSpec(
             "upernet-augreg-b",
             "upernet_augreg_adapter_base_512_160k_ade20k",
-            {**_TINY_TRUNK, "channels": 32},
-            {"eval": {"img_scale": (256, 64), "crop_size": (64, 64), "stride": (43, 43)}},
+            {},
+            {"data.eval.img_scale": (256, 64), "data.eval.stride": (43, 43)},
         ),
         ModelSpec(
             "m2f-beit-l",
             "mask2former_beit_adapter_large_896_80k_ade20k",
             {
-                **_TINY_TRUNK,
-                "feat_channels": 32,
-                "out_channels": 32,
-                "num_queries": 8,
-                "encoder_num_heads": 2,
-                "decoder_num_heads": 2,
-                "encoder_ffn_channels": 64,
-                "decoder_ffn_channels": 64,
-                "train_num_points": 256,
-                "num_encoder_layers": 2,
-                "num_decoder_layers": 3,
+                "decode_head.num_queries": 8,
+                "decode_head.num_encoder_layers": 2,
+                "decode_head.num_decoder_layers": 3,
             },
-            {
-                "eval": {
-                    "img_scale": (256, 64),
-                    "crop_size": (64, 64),
-                    "stride": (32, 32),
-                    "ms": {"pad_short_side": 64},
-                }
-            },
+            {"data.eval.img_scale": (256, 64), "data.eval.stride": (32, 32)},
         ),
     )
 }
@@ -122,15 +97,16 @@ def model_config(
 ) -> SegmentorConfig:
     """The zoo entry of ``spec``: tiny when ``smoke``; ``with_cp`` overrides gradient checkpointing
     (backbone and, for Mask2Former, the head's FFNs) unless None (the recipe's setting)."""
-    config = models.get_config(spec.zoo)
     overrides: dict[str, Any] = {}
     if smoke:
         overrides.update(spec.tiny)
         if for_eval:
             overrides.update(spec.tiny_eval)
     if with_cp is not None:
-        overrides["with_cp"] = with_cp
-    return apply_overrides(config, **overrides) if overrides else config
+        overrides["backbone.with_cp"] = with_cp
+        if models.get_config(spec.zoo).head == "mask2former":
+            overrides["decode_head.with_cp"] = with_cp
+    return models.get_config(spec.zoo, overrides, preset="tiny" if smoke else None)
 
 
 def recipe_with_cp(spec: ModelSpec) -> bool:
@@ -280,7 +256,10 @@ def oom_guard(device: torch.device, row: dict[str, Any]) -> Iterator[None]:
 
 
 def _git(*args: str) -> str | None:
-    done = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=False)
+    try:
+        done = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=False)
+    except OSError:  # no git on this machine
+        return None
     return done.stdout.strip() if done.returncode == 0 else None
 
 

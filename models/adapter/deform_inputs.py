@@ -1,4 +1,4 @@
-"""Reference points and level shapes of the adapter's deformable attention (pitfalls.md section 3,
+"""Reference points and level shapes of the adapter's deformable attention (docs/reference.md §P3,
 "deform_inputs").
 
 Everything derives from the input size with floor division: the Injector (ViT tokens querying the

@@ -1,4 +1,4 @@
-"""Injector, Extractor (with ConvFFN) and InteractionBlock (pitfalls.md section 3).
+"""Injector, Extractor (with ConvFFN) and InteractionBlock (docs/reference.md §P3).
 
 One interaction: the Injector adds spatial priors to the ViT tokens
 (``x + gamma * MSDA(query_norm(x), feat_norm(c))`` over the 3 adapter levels), the interaction's
@@ -9,7 +9,7 @@ the last interaction has two extra Extractors applied in sequence.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.utils.checkpoint as cp
@@ -214,7 +214,7 @@ class InteractionBlock(nn.Module):
         x: torch.Tensor,
         c: torch.Tensor,
         cls: torch.Tensor | None,
-        blocks: Sequence[nn.Module],
+        blocks: Sequence[Callable[[torch.Tensor], torch.Tensor]],
         injector_inputs: DeformInputs,
         extractor_inputs: DeformInputs,
         height: int,
@@ -225,21 +225,25 @@ class InteractionBlock(nn.Module):
         Args:
             x: (B, N, C) ViT patch tokens (no cls), N = height*width.
             c: (B, S, C) adapter tokens [1/8; 1/16; 1/32].
-            cls: (B, 1, C) cls token (BEiT) or None (ViT).
-            blocks: the trunk blocks of this interaction.
+            cls: (B, P, C) prefix tokens run through the blocks in front of the patch tokens and
+                split off after them (BEiT: the cls token; the timm trunks: cls and register
+                tokens), or None (ViT).
+            blocks: the trunk blocks of this interaction (modules or callables, (B, L, C) -> (B, L, C)).
             injector_inputs, extractor_inputs: from :func:`models.adapter.deform_inputs.deform_inputs`.
-            height, width: the ViT patch grid (1/16).
+            height, width: the adapter's 1/16 grid, which the ConvFFN splits by (the ViT patch grid
+                for patch-16 trunks).
 
         Returns:
             (x, c, cls) after the interaction.
         """
         x = self.injector(x, c, injector_inputs)
         if cls is not None:
-            x = torch.cat([cls, x], dim=1)  # (B, 1 + N, C)
+            x = torch.cat([cls, x], dim=1)  # (B, P + N, C)
         for block in blocks:
             x = _maybe_checkpoint(self.with_cp, block, x)
         if cls is not None:
-            cls, x = x[:, :1], x[:, 1:]
+            num_prefix = cls.shape[1]
+            cls, x = x[:, :num_prefix], x[:, num_prefix:]
         c = self.extractor(c, x, extractor_inputs, height, width)
         if self.extra_extractors is not None:
             for extractor in self.extra_extractors:

@@ -1,4 +1,4 @@
-"""The adapter's multi-scale deformable attention module (pitfalls.md section 3, "MSDeformAttn").
+"""The adapter's multi-scale deformable attention module (docs/reference.md §P3, "MSDeformAttn").
 
 Projections as in the reference ``ops.modules.MSDeformAttn``: ``sampling_offsets``
 (C -> heads*levels*points*2), ``attention_weights`` (C -> heads*levels*points, softmax jointly over
@@ -6,8 +6,12 @@ levels*points per head), ``value_proj`` (C -> C*ratio) and ``output_proj`` (C*ra
 are normalised by each level's (W, H) and added to the reference points. No query positional
 embedding, no dropout and no residual here (the residual lives in Injector/Extractor).
 
-The sampling itself is :func:`cuda_ops.ms_deform_attn`; sampling locations are always float32,
-also when the values are bfloat16/float16 under autocast.
+The sampling itself is :func:`cuda_ops.ms_deform_attn`, in float32 under autocast as the reference's
+``MSDeformAttnFunction`` (``custom_fwd(cast_inputs=torch.float32)``, docs/reference.md §P5): the values,
+sampling locations and attention weights enter it in float32 (the offsets are divided by the level sizes in
+the autocast dtype first, as the reference's expression does), and its output goes back to the values'
+dtype before ``output_proj``. A float64 model stays in float64 throughout (for rounding checks); the
+reference points, float32 in the reference, are cast up.
 """
 
 from __future__ import annotations
@@ -20,14 +24,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cuda_ops import ms_deform_attn
+from cuda_ops import core_dtype, ms_deform_attn
 
 
 @functools.lru_cache(maxsize=64)
-def _offset_normalizer(spatial_shapes: tuple[tuple[int, int], ...], device: torch.device) -> torch.Tensor:
-    """(L, 2) float32 (W_l, H_l) per level, made once per shapes and device (no host-to-device copy per call)."""
+def _offset_normalizer(
+    spatial_shapes: tuple[tuple[int, int], ...], device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """(L, 2) (W_l, H_l) per level in ``dtype`` (exact: small integers), made once per shapes, device and
+    dtype (no host-to-device copy per call)."""
     with torch.inference_mode(False):  # a cached inference tensor could not be saved for a later backward
-        return torch.tensor([[w, h] for h, w in spatial_shapes], dtype=torch.float32, device=device)
+        return torch.tensor([[w, h] for h, w in spatial_shapes], dtype=dtype, device=device)
 
 
 class MSDeformAttn(nn.Module):
@@ -110,6 +117,7 @@ class MSDeformAttn(nn.Module):
         length = features.shape[1]
         # (B, S, C*ratio) -> (B, S, M, D)
         value = self.value_proj(features).view(batch, length, self.n_heads, self.value_dim // self.n_heads)
+        core = core_dtype(value.dtype)  # float32 under autocast (the reference's custom_fwd), else as is
         # (B, Q, M*L*P*2) -> (B, Q, M, L, P, 2)
         offsets = self.sampling_offsets(query).view(
             batch, queries, self.n_heads, self.n_levels, self.n_points, 2
@@ -118,14 +126,14 @@ class MSDeformAttn(nn.Module):
         weights = self.attention_weights(query).view(
             batch, queries, self.n_heads, self.n_levels * self.n_points
         )
-        weights = F.softmax(weights.float(), dim=-1).view(
+        weights = F.softmax(weights.to(core), dim=-1).view(
             batch, queries, self.n_heads, self.n_levels, self.n_points
         )
-        normalizer = _offset_normalizer(tuple(spatial_shapes), query.device)  # (L, 2) as (W, H)
+        # (L, 2) as (W, H), in the offsets' dtype: the reference divides before adding the float32 points
+        normalizer = _offset_normalizer(tuple(spatial_shapes), query.device, offsets.dtype)
         # (B, Q, 1, L, 1, 2) + (B, Q, M, L, P, 2) / (1, 1, 1, L, 1, 2)
-        locations = (
-            reference_points.float()[:, :, None, :, None, :]
-            + offsets.float() / normalizer[None, None, None, :, None, :]
-        )
-        out = ms_deform_attn(value, spatial_shapes, locations, weights.to(value.dtype), backend=self.backend)
-        return self.output_proj(out)
+        locations = reference_points.to(core)[:, :, None, :, None, :] + (
+            offsets / normalizer[None, None, None, :, None, :]
+        ).to(core)
+        out = ms_deform_attn(value.to(core), spatial_shapes, locations, weights, backend=self.backend)
+        return self.output_proj(out.to(value.dtype))

@@ -1,4 +1,4 @@
-"""Spatial Prior Module (pitfalls.md section 3, "Spatial Prior Module").
+"""Spatial Prior Module (docs/reference.md §P3, "Spatial Prior Module").
 
 A convolutional stem (three 3x3 convs, the first with stride 2, then a stride-2 max pool: 1/4)
 followed by three stride-2 3x3 convs (1/8, 1/16, 1/32) of 2x, 4x and 4x ``inplanes`` channels (the

@@ -1,4 +1,4 @@
-"""FCN auxiliary head with mmsegmentation 0.x ``FCNHead`` semantics (pitfalls.md section 4).
+"""FCN auxiliary head with mmsegmentation 0.x ``FCNHead`` semantics (docs/reference.md §P4).
 
 ``num_convs`` ConvModules (3x3) on backbone output ``in_index`` (stride 16), no input concat,
 Dropout2d and the 1x1 classifier. Used for the auxiliary loss only, not at test time.

@@ -1,4 +1,4 @@
-"""UperNet decode head with mmsegmentation 0.x ``UPerHead`` semantics (pitfalls.md section 4).
+"""UperNet decode head with mmsegmentation 0.x ``UPerHead`` semantics (docs/reference.md §P4).
 
 Pyramid pooling on the coarsest input (adaptive average pools of ``pool_scales``, 1x1 ConvModule,
 bilinear back to the input size, concatenated with the input, 3x3 ``bottleneck``), 1x1 lateral

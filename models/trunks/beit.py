@@ -1,4 +1,4 @@
-"""BEiT trunk blocks for BEiTAdapter (BEiT / BEiTv2 checkpoints), pitfalls.md section 2.
+"""BEiT trunk blocks for BEiTAdapter (BEiT / BEiTv2 checkpoints), docs/reference.md §P2.
 
 timm's BEiT block matches the reference block exactly (``base/beit.py``): qkv without bias plus
 learned ``q_bias``/``v_bias`` (k bias fixed to zero), a per-block relative position bias table of

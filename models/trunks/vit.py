@@ -1,4 +1,4 @@
-"""The plain ViT trunk of ViTAdapter (DeiT / AugReg checkpoints), pitfalls.md section 1.
+"""The plain ViT trunk of ViTAdapter (DeiT / AugReg checkpoints), docs/reference.md §P1.
 
 Follows the reference ``TIMMVisionTransformer`` (``base/vit.py``): timm's attention (qkv with bias)
 and MLP (GELU, exact erf), LayerNorm eps 1e-6, and layer scale switched on by default: every

@@ -7,6 +7,8 @@ import json
 import sys
 from typing import Any
 
+from pipelines.commands.common import add_model_options, model_overrides
+
 JSON_FIELDS = (
     "name",
     "dataset",
@@ -17,21 +19,21 @@ JSON_FIELDS = (
     "miou_ms",
     "params_published_m",
     "num_params",
+    "extension",
 )
 
 
-def config_rows(*, head: str | None = None, dataset: str | None = None) -> list[dict[str, Any]]:
-    """One row per zoo entry; ``num_params`` counted on the meta device (None where the head is not built)."""
+def config_rows(
+    *, head: str | None = None, dataset: str | None = None, extensions: bool = False
+) -> list[dict[str, Any]]:
+    """One row per zoo entry (the extension entries too with ``extensions``); ``num_params`` counted on the meta device."""
     import models
-    from models.builder import HeadNotAvailableError
+    from models.param_counts import parameter_count
 
     rows = []
-    for name in models.list_configs(head=head, dataset=dataset):
+    for name in models.list_configs(head=head, dataset=dataset, extensions=extensions):
         config = models.get_config(name)
-        try:
-            num_params: int | None = models.count_parameters(config)
-        except HeadNotAvailableError:
-            num_params = None
+        num_params = parameter_count(config)
         rows.append(
             {
                 "name": name,
@@ -43,6 +45,7 @@ def config_rows(*, head: str | None = None, dataset: str | None = None) -> list[
                 "miou_ms": config.published.miou_ms,
                 "params_published_m": config.published.params_m,
                 "num_params": num_params,
+                "extension": config.published.extension,
             }
         )
     return rows
@@ -53,7 +56,7 @@ def _fmt(value: float | None) -> str:
 
 
 def _list(args: argparse.Namespace) -> int:
-    rows = config_rows(head=args.head, dataset=args.dataset)
+    rows = config_rows(head=args.head, dataset=args.dataset, extensions=not args.published_only)
     if args.json:
         json.dump(rows, sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -66,8 +69,8 @@ def _list(args: argparse.Namespace) -> int:
             r["head"],
             str(r["crop_size"]),
             f"{r['iters'] // 1000}k",
-            f"{_fmt(r['miou_ss'])} / {_fmt(r['miou_ms'])}",
-            f"{r['params_published_m']}M",
+            "extension" if r["extension"] else f"{_fmt(r['miou_ss'])} / {_fmt(r['miou_ms'])}",
+            "-" if r["params_published_m"] is None else f"{r['params_published_m']}M",
             "-" if r["num_params"] is None else f"{r['num_params'] / 1e6:.2f}M",
         )
         for r in rows
@@ -78,14 +81,17 @@ def _list(args: argparse.Namespace) -> int:
             "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
         )
         sys.stdout.write("\n")
+    if any(r["extension"] for r in rows):
+        sys.stdout.write(
+            "('extension' rows: ViT-Adapter on newer trunks, beyond the published tables; nothing to compare with)\n"
+        )
     return 0
 
 
 def _show(args: argparse.Namespace) -> int:
     import models
-    from pipelines.overrides import parse_set_options
 
-    config = models.get_config(args.name, **parse_set_options(args.set))
+    config = models.get_config(args.name, model_overrides(args))
     json.dump(config.to_dict(), sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0
@@ -103,7 +109,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="every zoo entry with dataset, head, crop, iterations, published mIoU and #Param",
         description=(
             "List the zoo. 'built' is the parameter count of the model this project builds, counted on "
-            "the meta device (no memory); '-' where the head is not built yet."
+            "the meta device (no memory)."
         ),
     )
     listing.add_argument(
@@ -113,8 +119,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     listing.add_argument(
         "--dataset", choices=("ade20k", "coco_stuff164k", "pascal_context_59"), help="only this dataset"
     )
+    listing.add_argument(
+        "--published-only",
+        action="store_true",
+        help="only the published rows and their COCO-Stuff stages (without the DINOv3/DINOv2/EVA-02 extension entries)",
+    )
     listing.set_defaults(func=_list)
     show = actions.add_parser("show", help="print one entry's full config and recipe as JSON")
     show.add_argument("name", help="zoo entry (see 'vitadapter configs list')")
-    show.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field (repeatable)")
+    add_model_options(show)
     show.set_defaults(func=_show)

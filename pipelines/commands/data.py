@@ -47,6 +47,7 @@ def _synthesize(args: argparse.Namespace) -> int:
         num_classes_used=args.num_classes_used,
         max_shapes=args.max_shapes,
         label_format=args.label_format,
+        force=args.force,
     )
     log.info(
         "synthetic %s twin in %s: %s, %d classes; prepare it with "
@@ -131,7 +132,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     synth.add_argument("dataset", choices=DATASETS, help="dataset to imitate")
-    synth.add_argument("--out", required=True, metavar="DIR", help="folder to write the twin into (replaced)")
+    synth.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="folder to write the twin into: new, empty, or one vitadapter wrote (replaced)",
+    )
+    synth.add_argument(
+        "--force", action="store_true", help="replace --out even if it holds files vitadapter did not write"
+    )
     synth.add_argument("--num-train", type=int, default=16, help="training images (default 16)")
     synth.add_argument("--num-val", type=int, default=4, help="validation images (default 4)")
     synth.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -168,7 +177,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--raw", required=True, metavar="PATH", help="folder holding the downloaded archives or folders"
     )
     prepare.add_argument(
-        "--out", required=True, metavar="DIR", help="output folder of shards and index.json (replaced)"
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="output folder of shards and index.json: new, empty, or one vitadapter wrote (replaced); never "
+        "inside --raw",
     )
     prepare.add_argument(
         "--splits", nargs="+", choices=SPLITS, default=list(SPLITS), help="splits to prepare"
@@ -188,7 +201,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--workers", type=int, default=0, help="reader processes (default 0: read in this process)"
     )
     prepare.add_argument(
-        "--force", action="store_true", help="rebuild even if --out is complete and up to date"
+        "--force",
+        action="store_true",
+        help="rebuild even if --out is complete and up to date, and replace an --out vitadapter did not write",
     )
     prepare.set_defaults(func=_prepare)
 

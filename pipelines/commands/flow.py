@@ -1,4 +1,4 @@
-"""``vitadapter flow run experiment|two-stage|pipeline``: the Prefect flows of :mod:`pipelines.flows`.
+"""``vitadapter flow run experiment|two-stage|pipeline``: the Prefect flows of :mod:`pipelines.orchestration.flows`.
 
 With ``PREFECT_API_URL`` set (or a Prefect profile that sets it) the flow run is recorded on that
 server; otherwise Prefect starts a temporary local server for the run, whose state lives under
@@ -15,9 +15,11 @@ import tomllib
 from collections.abc import MutableMapping
 from pathlib import Path
 
+from pipelines.config.params import DEFAULT_PATHS
+
 log = logging.getLogger(__name__)
 
-DEFAULT_PREFECT_HOME = Path("artifacts/prefect-home")
+DEFAULT_PREFECT_HOME = Path(DEFAULT_PATHS.prefect_home)
 DEFAULT_PROFILES_FILE = Path("~/.prefect/profiles.toml")
 # Prefect's default (20 s) is short for a first start on a busy 2-core machine (database migrations).
 STARTUP_TIMEOUT_S = "90"
@@ -70,7 +72,7 @@ def run_stage_flow(stage: str, run: str, *, params_file: str, mode: str | None =
     """
     configure_prefect_environment()
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    from pipelines.flows import stage_flow
+    from pipelines.orchestration.flows import stage_flow
 
     state = stage_flow(stage, run, mode=mode, params_file=params_file, return_state=True)
     if not state.is_completed():
@@ -84,7 +86,7 @@ def _run(args: argparse.Namespace) -> int:
     configure_prefect_environment()
     if args.verbose < 2:  # httpx logs every call to the Prefect API at INFO
         logging.getLogger("httpx").setLevel(logging.WARNING)
-    from pipelines.flows import FLOWS
+    from pipelines.orchestration.flows import FLOWS
 
     kwargs = {"params_file": args.params}
     if args.flow != "pipeline":

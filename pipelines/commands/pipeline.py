@@ -8,11 +8,13 @@ import logging
 import sys
 from pathlib import Path
 
+from pipelines.config.params import DEFAULT_PATHS
+
 log = logging.getLogger(__name__)
 
 
 def _params(args: argparse.Namespace):
-    from pipelines.params import load_params
+    from pipelines.config.params import load_params
 
     return load_params(args.params)
 
@@ -24,19 +26,19 @@ def _print(result: object) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from pipelines.stages import prepare_stage
+    from pipelines.orchestration.stages import prepare_stage
 
     return _print(prepare_stage(_params(args), args.dataset))
 
 
 def _weights(args: argparse.Namespace) -> int:
-    from pipelines.stages import weights_stage
+    from pipelines.orchestration.stages import weights_stage
 
     return _print(weights_stage(_params(args)))
 
 
 def _train(args: argparse.Namespace) -> int:
-    from pipelines.stages import train_stage
+    from pipelines.orchestration.stages import train_stage
 
     params = _params(args)
     params.run(args.run)  # an unknown run fails here, before any flow starts
@@ -50,7 +52,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from pipelines.stages import evaluate_stage
+    from pipelines.orchestration.stages import evaluate_stage
 
     params = _params(args)
     params.run(args.run)
@@ -62,7 +64,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from pipelines.stages import report_stage
+    from pipelines.orchestration.stages import report_stage
 
     summary = report_stage(_params(args))
     sys.stdout.write(Path(summary["report"]).read_text())
@@ -71,7 +73,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _plots(args: argparse.Namespace) -> int:
-    from pipelines.plots import show_plots
+    from pipelines.reporting.plots import show_plots
 
     page = show_plots(Path(args.out), template=Path(args.template))
     log.info("training curves: %s (self-contained, renders offline)", page)
@@ -81,7 +83,7 @@ def _plots(args: argparse.Namespace) -> int:
 def _dvc_yaml(args: argparse.Namespace) -> int:
     import yaml
 
-    from pipelines.dvcgraph import render_dvc_yaml
+    from pipelines.orchestration.dvcgraph import render_dvc_yaml
 
     text = render_dvc_yaml(_params(args), args.params, yaml.safe_load(Path(args.params).read_text()))
     target = Path(args.dvc_file)
@@ -94,7 +96,7 @@ def _dvc_yaml(args: argparse.Namespace) -> int:
             return 1
         return 0
     if args.write:
-        from pipelines.engine.checkpoints import write_text_atomic
+        from data.atomic import write_text_atomic
 
         write_text_atomic(target, text)
         log.info("wrote %s", target)
@@ -142,10 +144,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add("report", _report, "write the comparison report and refresh the MLflow reference experiment")
     plots = add("plots", _plots, "dvc plots show with vega inlined, so the page renders offline")
-    plots.add_argument("--out", default="artifacts/plots", help="output folder (default artifacts/plots)")
+    plots.add_argument(
+        "--out", default=DEFAULT_PATHS.plots, help=f"output folder (default {DEFAULT_PATHS.plots})"
+    )
     plots.add_argument(
         "--template",
-        default="artifacts/plots/offline_template.html",
+        default=f"{DEFAULT_PATHS.plots}/offline_template.html",
         help="the offline template (built once with npm if missing)",
     )
     graph = add("dvc-yaml", _dvc_yaml, "print, write or check the dvc.yaml that params.yaml implies")

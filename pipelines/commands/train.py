@@ -1,50 +1,47 @@
-"""``vitadapter train``: train a zoo entry with its reference recipe (resumable; torchrun for several GPUs)."""
+"""``vitadapter train``: train a zoo entry with its reference recipe (resumable; torchrun for several GPUs).
+
+Argument parsing only: the knobs' flags are generated from :class:`pipelines.config.knobs.TrainParams`,
+the training is :func:`pipelines.runs.training.run_training`.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
+
+from pipelines.commands.common import add_model_options, model_overrides
+from pipelines.config.knobs import add_knob_flags
+from pipelines.config.params import DEFAULT_PATHS
+
+log = logging.getLogger(__name__)
 
 
 def _train(args: argparse.Namespace) -> int:
-    from pipelines.engine.trainer import TrainingInterruptedError, TrainSettings
-    from pipelines.overrides import parse_set_options
-    from pipelines.train import RunSpec, default_work_dir, run_training
+    from pipelines.config.knobs import knobs_from_flags
+    from pipelines.engine.trainer import TrainingInterruptedError
+    from pipelines.runs.training import RunSpec, run_training
 
     runs_dir = Path(args.runs_dir)
-    settings = TrainSettings(
-        work_dir=Path(args.work_dir) if args.work_dir else default_work_dir(args.name, runs_dir),
-        max_iters=args.max_iters,
-        batch_size=args.batch_size,
-        global_batch=args.global_batch,
-        precision=args.precision,
-        eval_interval=args.eval_interval,
-        checkpoint_interval=args.checkpoint_interval,
-        log_interval=args.log_interval,
-        keep_checkpoints=args.keep_checkpoints,
-        seed=args.seed,
-        deterministic=args.deterministic,
-        progress=not args.no_progress,
-    )
     spec = RunSpec(
         name=args.name,
         data=Path(args.data),
-        settings=settings,
-        overrides=parse_set_options(args.set),
-        pretrained=args.pretrained,
+        work_dir=Path(args.work_dir) if args.work_dir else runs_dir / args.name,
+        knobs=knobs_from_flags(args),
+        overrides=model_overrides(args),
         init_from=args.init_from,
         weights_dir=Path(args.weights_dir),
         runs_dir=runs_dir,
         device=args.device,
-        num_workers=args.num_workers,
-        eval_limit=args.eval_limit,
+        progress=not args.no_progress,
     )
     try:
         result = run_training(spec)
-    except TrainingInterruptedError:
-        return 143  # 128 + SIGTERM: a checkpoint was written; rerun the same command to resume
+    except TrainingInterruptedError as err:
+        log.warning("%s", err)
+        return 128 + err.signum  # 143 (SIGTERM) or 130 (Ctrl-C): a checkpoint was written; rerun to resume
     best = "-" if result.best_miou is None else f"{result.best_miou:.2f}"
-    print(f"trained {args.name} to {result.iterations} iterations in {settings.work_dir}; best mIoU {best}")
+    print(f"trained {args.name} to {result.iterations} iterations in {spec.work_dir}; best mIoU {best}")
     return 0
 
 
@@ -64,51 +61,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         required=True,
         help="prepared shard folder of the entry's dataset ('vitadapter data prepare')",
     )
-    parser.add_argument(
-        "--set", action="append", metavar="KEY=VALUE", help="zoo override (architecture/recipe), repeatable"
-    )
+    add_model_options(parser)
     parser.add_argument("--work-dir", help="run folder (default: RUNS_DIR/NAME)")
     parser.add_argument(
-        "--runs-dir", default="artifacts/runs", help="folder of run folders (default artifacts/runs)"
-    )
-    parser.add_argument(
-        "--max-iters", type=int, help="iterations (default: the recipe's); the schedule spans them"
-    )
-    parser.add_argument(
-        "--batch-size", type=int, help="images per process and step (default: the recipe's per-GPU batch)"
-    )
-    parser.add_argument(
-        "--global-batch", type=int, help="images per optimizer step (default: the recipe's 16)"
-    )
-    parser.add_argument(
-        "--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="default fp32, as the reference"
-    )
-    parser.add_argument(
-        "--eval-interval", type=int, help="iterations between evaluations (default: the recipe's)"
-    )
-    parser.add_argument(
-        "--checkpoint-interval", type=int, help="iterations between checkpoints (default 1000)"
-    )
-    parser.add_argument("--log-interval", type=int, help="iterations between log lines (default 50)")
-    parser.add_argument(
-        "--keep-checkpoints", type=int, default=1, help="iteration checkpoints kept (default 1)"
-    )
-    parser.add_argument(
-        "--seed", type=int, default=0, help="seed of the init, data order and augmentation (default 0)"
-    )
-    parser.add_argument(
-        "--deterministic", action="store_true", help="deterministic algorithms (exact resume)"
+        "--runs-dir", default=DEFAULT_PATHS.runs, help=f"folder of run folders (default {DEFAULT_PATHS.runs})"
     )
     parser.add_argument(
         "--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if available"
-    )
-    parser.add_argument(
-        "--num-workers", type=int, default=2, help="data-loader processes per rank (default 2)"
-    )
-    parser.add_argument(
-        "--pretrained",
-        default="auto",
-        help="auto (the recipe's file from --weights-dir, downloaded if possible), none, or a path",
     )
     parser.add_argument(
         "--init-from",
@@ -117,9 +76,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--weights-dir",
-        default="artifacts/pretrained",
-        help="pretrained/released files (default artifacts/pretrained)",
+        default=DEFAULT_PATHS.weights,
+        help=f"pretrained/released files (default {DEFAULT_PATHS.weights})",
     )
-    parser.add_argument("--eval-limit", type=int, help="evaluate on the first N validation images only")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_knob_flags(parser)
     parser.set_defaults(func=_train)

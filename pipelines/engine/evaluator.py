@@ -1,4 +1,4 @@
-"""Single- and multi-scale evaluation exactly as the published numbers were measured (recipes.md 2.5).
+"""Single- and multi-scale evaluation exactly as the published numbers were measured (docs/reference.md §R2.5).
 
 For every image: each test view of the config's pipeline (scales x flips) goes through sliding-window
 (or whole-image) inference; the averaged map is resized once to the original size and softmaxed
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -35,7 +35,7 @@ PrecisionChoice = Literal["recipe", "fp32", "bf16", "fp16"]
 def resolve_precision(
     config: SegmentorConfig, requested: PrecisionChoice, device: torch.device
 ) -> EvalPrecision:
-    """``recipe``: how the reference's test.py ran this config (recipes.md 2.6): fp16 autocast on CUDA for
+    """``recipe``: how the reference's test.py ran this config (docs/reference.md §R2.6): fp16 autocast on CUDA for
     the five configs whose ``fp16`` key switches it on (DeiT-T/S/B, AugReg-T/B), fp32 otherwise and on CPU."""
     if requested != "recipe":
         return requested
@@ -51,7 +51,7 @@ class InferenceSettings:
         crop, stride: slide windows.
         batch_windows: windows per forward.
         precision: ``fp32`` (the goldens), or autocast to ``bf16``/``fp16`` (the reference ran the
-            DeiT/AugReg-T/B configs under fp16 autocast, recipes.md 2.6).
+            DeiT/AugReg-T/B configs under fp16 autocast, docs/reference.md §R2.6).
     """
 
     mode: Literal["slide", "whole"]
@@ -75,6 +75,41 @@ def _autocast(device: torch.device, precision: EvalPrecision) -> contextlib.Abst
 
 
 @torch.no_grad()
+def iter_view_scores(
+    model: nn.Module,
+    image: np.ndarray,
+    pipeline: TestPipeline,
+    settings: InferenceSettings,
+    *,
+    num_classes: int,
+    device: torch.device,
+) -> Iterator[tuple[torch.Tensor, bool, tuple[int, int] | None]]:
+    """Each test view's averaged scores before the resize to the original size.
+
+    Yields:
+        ``(scores (1, K, h, w), flipped, valid_size or None)`` per view of the pipeline; the scores in the
+        dtype the reference keeps them in (float16 under fp16 autocast, docs/reference.md §R2.7), to be
+        resized in it and softmaxed in float32 (:func:`pipelines.engine.inference.to_probabilities`).
+    """
+    for view in pipeline.iter_views(image):
+        img = torch.from_numpy(view.image)[None].to(device)
+        padded = tuple(view.image.shape[1:]) != view.img_shape
+        with _autocast(device, settings.precision):
+            if settings.mode == "slide":
+                scores = slide_inference(
+                    model,
+                    img,
+                    num_classes=num_classes,
+                    crop=settings.crop,
+                    stride=settings.stride,
+                    batch_windows=settings.batch_windows,
+                )
+            else:
+                scores = whole_inference(model, img)
+        yield scores, view.flip, view.img_shape if padded else None
+
+
+@torch.no_grad()
 def predict_probabilities(
     model: nn.Module,
     image: np.ndarray,
@@ -95,29 +130,16 @@ def predict_probabilities(
         device: where the model runs.
 
     Returns:
-        (K, H, W) float32 probabilities on the CPU.
+        (K, H, W) float32 probabilities on the CPU (K x H x W x 4 bytes: for large photos use
+        :func:`pipelines.engine.labels.predict_labels`, which never holds them).
     """
     original = (int(image.shape[0]), int(image.shape[1]))
     total: torch.Tensor | None = None
     views = 0
-    for view in pipeline.iter_views(image):
-        img = torch.from_numpy(view.image)[None].to(device)
-        padded = tuple(view.image.shape[1:]) != view.img_shape
-        with _autocast(device, settings.precision):
-            if settings.mode == "slide":
-                scores = slide_inference(
-                    model,
-                    img,
-                    num_classes=num_classes,
-                    crop=settings.crop,
-                    stride=settings.stride,
-                    batch_windows=settings.batch_windows,
-                )
-            else:
-                scores = whole_inference(model, img)
-        probs = to_probabilities(
-            scores.float(), original, flipped=view.flip, valid_size=view.img_shape if padded else None
-        )
+    for scores, flipped, valid_size in iter_view_scores(
+        model, image, pipeline, settings, num_classes=num_classes, device=device
+    ):
+        probs = to_probabilities(scores, original, flipped=flipped, valid_size=valid_size)
         total = probs if total is None else total + probs
         views += 1
     if total is None:
@@ -143,13 +165,20 @@ def evaluate(
     Returns:
         ``aAcc``, ``mIoU``, ``mAcc`` in percent, ``num_images`` and ``per_class`` (see :class:`SegMetrics`).
     """
+    from pipelines.engine.labels import predict_labels  # it builds on this module
+
     model.eval()
     metrics = SegMetrics(num_classes=num_classes, class_names=class_names)
     for item in tqdm(items, total=total, disable=not progress, desc="evaluate", dynamic_ncols=True):
-        probs = predict_probabilities(
-            model, item["image"], pipeline, settings, num_classes=num_classes, device=device
+        pred = predict_labels(
+            model,
+            item["image"],
+            pipeline,
+            settings,
+            num_classes=num_classes,
+            device=device,
+            source=str(item.get("key", "an image")),
         )
-        pred = probs.argmax(dim=0).numpy()
         metrics.update(pred, np.asarray(item["label"]))
     if distributed:
         metrics.all_reduce()

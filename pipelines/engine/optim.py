@@ -1,8 +1,10 @@
-"""AdamW parameter groups exactly as the reference builds them (recipes.md 2.3).
+"""AdamW parameter groups exactly as the reference builds them (docs/reference.md §R2.3).
 
 ``LayerDecayOptimizerConstructor`` (every config but AugReg-B): internal depth N = num_layers + 2;
 layer id 0 for ``backbone.{cls_token,mask_token,pos_embed,visual_embed}``, ``backbone.patch_embed.*``
-and the Mask2Former ``decode_head.{mask_embed,cls_embed,level_embed,query_embed,query_feat}.*``;
+and the Mask2Former ``decode_head.{mask_embed,cls_embed,level_embed,query_embed,query_feat}.*``
+(and ``backbone.reg_token``, the registers of the extension entries' timm trunks, whose other trunk
+parameters carry these same names; their rotary tables are buffers);
 ``i + 1`` for ``backbone.blocks.<i>.*``; N - 1 for everything else. Group lr = base lr * rate **
 (N - layer_id - 1). No weight decay for 1-D parameters and names ending in ``.bias`` (the
 reference's exemption of pos_embed/cls_token compares un-prefixed names and never matches, so those
@@ -23,7 +25,14 @@ from torch import nn
 
 from models.config import OptimizerRecipe
 
-LAYER0_NAMES = ("backbone.cls_token", "backbone.mask_token", "backbone.pos_embed", "backbone.visual_embed")
+# + backbone.reg_token: the register tokens of the timm trunks (extension entries), with cls_token/pos_embed
+LAYER0_NAMES = (
+    "backbone.cls_token",
+    "backbone.mask_token",
+    "backbone.pos_embed",
+    "backbone.visual_embed",
+    "backbone.reg_token",
+)
 LAYER0_PREFIXES = (
     "backbone.patch_embed",
     "decode_head.mask_embed",

@@ -1,4 +1,4 @@
-"""Iteration-based poly schedule with linear warmup, as mmcv's LrUpdaterHook applies it (recipes.md 2.3).
+"""Iteration-based poly schedule with linear warmup, as mmcv's LrUpdaterHook applies it (docs/reference.md §R2.3).
 
 For a parameter group with initial lr ``g`` at 0-based iteration ``t`` (set before each step):
 ``poly = (g - min_lr) * (1 - t / T) ** power + min_lr``; during warmup (``t < W``)

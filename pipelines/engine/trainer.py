@@ -1,11 +1,17 @@
-"""Iteration-based trainer with the reference recipe (recipes.md 2.3, 2.6).
+"""Iteration-based trainer with the reference recipe (docs/reference.md §R2.3, §R2.6).
 
-* The recipe's global batch (16) is kept whatever the number of processes: per-process batch x
-  processes x gradient-accumulation steps; a loud warning when it cannot be matched exactly. The
-  accumulation slots of one process read what the ranks of a larger run would read (the data
-  stream's virtual ranks), so the split of the global batch does not change the samples or the
-  BatchNorm groups.
-* fp32 by default like the reference; bf16 autocast, or fp16 autocast with loss scaling, as options.
+* It runs a resolved :class:`pipelines.engine.plan.TrainPlan` (optimizer, schedule, batch plan); recipe
+  defaults are decided there, not here.
+* The global batch is per-process batch x processes x gradient-accumulation steps. The accumulation
+  slots of one process read what the ranks of a larger run would read (the data stream's virtual
+  ranks), so the split of the global batch does not change the samples; BatchNorm layers normalise over
+  each micro-batch (SyncBatchNorm: over the micro-batches of all processes), so with accumulation their
+  groups are smaller than the reference's. The default plan has no accumulation (see
+  :mod:`pipelines.engine.plan`).
+* fp32 by default like the reference (TF32 on CUDA as the reference ran, ``plan.tf32``); bf16 autocast, or
+  fp16 autocast with loss scaling, as options.
+* Mask2Former's mask terms are normalised by the matched masks of the whole step (all processes and
+  micro-batches), counted from the labels before the forward (:meth:`Trainer._step_normaliser`).
 * DDP through ``torchrun`` (gloo on CPU, NCCL on CUDA), BatchNorm converted to SyncBatchNorm on CUDA.
 * Each iteration sets every group's lr by the poly + warmup rule before the step.
 * Checkpoints every N iterations (atomic, latest K kept) and on SIGTERM; rerunning resumes from the
@@ -19,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import random
 import resource
 import signal
@@ -27,7 +32,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -35,22 +40,32 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from models.config import SegmentorConfig
-from pipelines.engine.checkpoints import CheckpointManager, write_text_atomic
+from data.atomic import write_text_atomic
+from pipelines.engine.checkpoints import CheckpointManager
 from pipelines.engine.distributed import DistInfo, reduce_mean
 from pipelines.engine.optim import build_optimizer
+from pipelines.engine.plan import TrainPlan
+from pipelines.engine.precision import apply_tf32
 from pipelines.engine.schedule import apply_lr
+from pipelines.runs.folder import TRAIN_LOG, RunFolder
 
 log = logging.getLogger(__name__)
 
-Precision = Literal["fp32", "bf16", "fp16"]
 FP16_INIT_SCALE = 512.0  # the fp16 key of the DeiT/AugReg configs (loss_scale init_scale 512)
 CHECKPOINT_FORMAT = "vitadapter-train"
-TRAIN_LOG = "train_log.jsonl"
+RESUME_CHANGES = "resume_changes.jsonl"
 
 
 class TrainingInterruptedError(RuntimeError):
-    """SIGTERM arrived; a checkpoint was written and the run can be resumed by rerunning it."""
+    """SIGTERM or SIGINT (Ctrl-C) arrived; a checkpoint was written and the run can be resumed by rerunning it.
+
+    Attributes:
+        signum: the signal that stopped the run (the command exits with 128 + signum: 143 or 130).
+    """
+
+    def __init__(self, message: str, signum: int = signal.SIGTERM) -> None:
+        super().__init__(message)
+        self.signum = int(signum)
 
 
 class Callback(Protocol):
@@ -61,39 +76,6 @@ class Callback(Protocol):
     def on_eval(self, iteration: int, metrics: dict[str, Any]) -> None: ...
 
     def on_checkpoint(self, iteration: int, path: Path, best: bool) -> None: ...
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """Run-level knobs (everything else comes from the zoo entry's recipe).
-
-    Attributes:
-        work_dir: run folder (checkpoints, logs); rerunning with the same folder resumes.
-        max_iters: iterations of this run (default: the recipe's); the schedule spans it.
-        batch_size: images per process and micro-step (default: the recipe's samples_per_gpu).
-        global_batch: images per optimizer step (default: the recipe's, 16).
-        precision: ``fp32`` (reference), ``bf16`` or ``fp16`` (with loss scaling).
-        eval_interval, checkpoint_interval, log_interval: in iterations (defaults: the recipe's).
-        keep_checkpoints: iteration checkpoints kept (the reference keeps 1).
-        seed: seed of the model initialisation, the data stream and the augmentations.
-        deterministic: deterministic algorithms (exact resume, slower on GPU).
-        sync_bn: convert BatchNorm to SyncBatchNorm in multi-GPU runs.
-        progress: show a progress bar on rank 0.
-    """
-
-    work_dir: Path
-    max_iters: int | None = None
-    batch_size: int | None = None
-    global_batch: int | None = None
-    precision: Precision = "fp32"
-    eval_interval: int | None = None
-    checkpoint_interval: int | None = None
-    log_interval: int | None = None
-    keep_checkpoints: int = 1
-    seed: int = 0
-    deterministic: bool = False
-    sync_bn: bool = True
-    progress: bool = True
 
 
 @dataclass
@@ -114,27 +96,8 @@ class _LossModule(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, img: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.model.loss(img, labels)
-
-
-def plan_batch(config: SegmentorConfig, settings: TrainSettings, world_size: int) -> tuple[int, int, int]:
-    """(per-process batch, accumulation steps, effective global batch); warns when it differs from the recipe."""
-    per_process = settings.batch_size or config.data.train.samples_per_gpu
-    wanted = settings.global_batch or config.data.train.global_batch
-    accumulation = max(1, math.ceil(wanted / (per_process * world_size)))
-    effective = per_process * world_size * accumulation
-    if effective != wanted:
-        log.warning(
-            "!!! effective batch %d (%d per process x %d processes x %d accumulation) differs from the recipe's "
-            "global batch %d: results are not comparable with the reference",
-            effective,
-            per_process,
-            world_size,
-            accumulation,
-            wanted,
-        )
-    return per_process, accumulation, effective
+    def forward(self, img: torch.Tensor, labels: torch.Tensor, **kwargs: Any) -> dict[str, torch.Tensor]:
+        return self.model.loss(img, labels, **kwargs)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -189,8 +152,7 @@ class Trainer:
 
     Args:
         model: the segmentor (``loss(img, labels)``), on the CPU, already initialised.
-        config: its zoo entry (optimizer, schedule, batch layout).
-        settings: run-level knobs.
+        plan: the resolved plan (optimizer, schedule, batch plan, knobs).
         dist_info: process placement from :func:`pipelines.engine.distributed.init_distributed`.
         train_batches: ``(start_step, batch_size, micro_batches) -> iterator`` over steps, each item the
             ``micro_batches`` batches ``{"image": (B, 3, H, W) float, "label": (B, H, W) int64}`` of one
@@ -204,8 +166,7 @@ class Trainer:
     def __init__(
         self,
         model: nn.Module,
-        config: SegmentorConfig,
-        settings: TrainSettings,
+        plan: TrainPlan,
         dist_info: DistInfo,
         train_batches: Callable[[int, int, int], Iterator[Any]],
         *,
@@ -213,29 +174,27 @@ class Trainer:
         callbacks: list[Callback] | None = None,
         extra_state: dict[str, Any] | None = None,
     ) -> None:
-        self.config = config
-        self.settings = settings
+        self.plan = plan
         self.dist = dist_info
         self.train_batches = train_batches
         self.evaluate_fn = evaluate
         self.callbacks = callbacks or []
         self.extra_state = extra_state or {}
-        schedule = config.schedule
-        self.max_iters = settings.max_iters or schedule.max_iters
-        self.eval_interval = settings.eval_interval or schedule.eval_interval
-        self.checkpoint_interval = settings.checkpoint_interval or schedule.checkpoint_interval
-        self.log_interval = settings.log_interval or schedule.log_interval
-        self.batch_size, self.accumulation, self.effective_batch = plan_batch(
-            config, settings, dist_info.world_size
-        )
-        self.checkpoints = CheckpointManager(settings.work_dir, keep=settings.keep_checkpoints)
+        schedule = plan.schedule
+        self.max_iters = schedule.max_iters
+        self.eval_interval = schedule.eval_interval
+        self.checkpoint_interval = schedule.checkpoint_interval
+        self.log_interval = schedule.log_interval
+        self.batch_size, self.accumulation = plan.batch.per_process, plan.batch.accumulation
+        self.effective_batch = plan.batch.global_batch
+        self.checkpoints = CheckpointManager(plan.work_dir, keep=plan.keep_checkpoints)
 
-        if dist_info.distributed and dist_info.device.type == "cuda" and settings.sync_bn:
+        if dist_info.distributed and dist_info.device.type == "cuda" and plan.sync_bn:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = model.to(dist_info.device)
-        self.optimizer = build_optimizer(self.model, config.optimizer)
+        self.optimizer = build_optimizer(self.model, plan.optimizer)
         self.scaler = torch.amp.GradScaler(
-            dist_info.device.type, enabled=settings.precision == "fp16", init_scale=FP16_INIT_SCALE
+            dist_info.device.type, enabled=plan.precision == "fp16", init_scale=FP16_INIT_SCALE
         )
         loss_module = _LossModule(self.model)
         if dist_info.distributed:
@@ -243,20 +202,21 @@ class Trainer:
             loss_module = DistributedDataParallel(loss_module, device_ids=device_ids)
         self.loss_module = loss_module
         self._stop_requested = False
+        self._stop_signal = int(signal.SIGTERM)
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self, iteration: int, best: float | None) -> dict[str, Any]:
         return {
             "format": CHECKPOINT_FORMAT,
-            "config": self.config.name,
+            "config": self.plan.entry,
             "iteration": iteration,
             "state_dict": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": _rng_state(),
-            "data": {"step": iteration, "micro_batches": self.accumulation, "seed": self.settings.seed},
+            "data": {"step": iteration, "micro_batches": self.accumulation, "seed": self.plan.seed},
             "best_miou": best,
-            "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self.settings).items()},
+            "plan": json.loads(json.dumps(asdict(self.plan), default=str)),
             **self.extra_state,
         }
 
@@ -264,27 +224,62 @@ class Trainer:
         state = self.checkpoints.load_latest()
         if state is None:
             return 0, None
-        if state.get("config") != self.config.name:
+        if state.get("config") != self.plan.entry:
             raise ValueError(
-                f"{self.settings.work_dir} holds a run of {state.get('config')!r}, not {self.config.name!r}; "
+                f"{self.plan.work_dir} holds a run of {state.get('config')!r}, not {self.plan.entry!r}; "
                 "use another work dir"
             )
         self.model.load_state_dict(state["state_dict"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"])
-        return int(state["iteration"]), state.get("best_miou")
+        self._record_plan_changes(state.get("plan") or {}, int(state["iteration"]))
+        # the checkpoint of iteration N is written before the evaluation at N: best.json, written with the
+        # best checkpoint, knows the best score, the checkpoint's own record may be stale
+        best = self.checkpoints.best_score()
+        return int(state["iteration"]), best if best is not None else state.get("best_miou")
+
+    def _record_plan_changes(self, previous: dict[str, Any], iteration: int) -> None:
+        """Warn about, and record in ``resume_changes.jsonl``, every plan value that differs from the one the
+        checkpoint was written with (the run goes on with the new values from ``iteration``)."""
+        current = json.loads(json.dumps(asdict(self.plan), default=str))
+        ignored = {"work_dir", "progress"}
+        changes = {}
+        for section, value in current.items():
+            before = previous.get(section)
+            if section in ignored or before is None or before == value:
+                continue
+            if isinstance(value, dict) and isinstance(before, dict):
+                changes.update(
+                    {f"{section}.{k}": [before.get(k), v] for k, v in value.items() if before.get(k) != v}
+                )
+            else:
+                changes[section] = [before, value]
+        if not changes or not self.dist.is_main:
+            return
+        log.warning(
+            "resuming %s at iteration %d with a changed recipe: %s",
+            self.plan.work_dir,
+            iteration,
+            "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()),
+        )
+        with (self.plan.work_dir / RESUME_CHANGES).open("a") as handle:
+            handle.write(json.dumps({"iteration": iteration, "changes": changes}) + "\n")
 
     # -- signals -----------------------------------------------------------------------------
-    def _on_sigterm(self, signum: int, frame: Any) -> None:
-        log.warning("SIGTERM: finishing this iteration, writing a checkpoint and stopping")
+    def _on_stop_signal(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self._stop_requested:  # a second Ctrl-C: the user wants out now, without a checkpoint
+            raise KeyboardInterrupt(f"{name} again: stopping without a checkpoint")
+        log.warning("%s: finishing this iteration, writing a checkpoint and stopping (again: stop at once)", name)
         self._stop_requested = True
+        self._stop_signal = signum
 
     # -- loop --------------------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.settings.precision == "fp32":
+        if self.plan.precision == "fp32":
             return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.settings.precision == "bf16" else torch.float16
+        dtype = torch.bfloat16 if self.plan.precision == "bf16" else torch.float16
         return torch.autocast(self.dist.device.type, dtype=dtype)
 
     def _step(self, iteration: int, steps: Iterator[Any]) -> dict[str, float]:
@@ -295,9 +290,10 @@ class Trainer:
             raise RuntimeError(
                 f"the data stream gave {len(micro_batches)} micro-batches, expected {self.accumulation}"
             )
+        loss_kwargs = self._step_normaliser(micro_batches)
         for k, batch in enumerate(micro_batches):
             torch.manual_seed(
-                micro_batch_seed(self.settings.seed, iteration, self.dist.rank * self.accumulation + k)
+                micro_batch_seed(self.plan.seed, iteration, self.dist.rank * self.accumulation + k)
             )
             img = batch["image"].to(self.dist.device, non_blocking=True)
             labels = batch["label"].to(self.dist.device, non_blocking=True)
@@ -305,7 +301,7 @@ class Trainer:
             context = contextlib.nullcontext() if sync else self.loss_module.no_sync()
             with context:
                 with self._autocast():
-                    losses = self.loss_module(img, labels)
+                    losses = self.loss_module(img, labels, **loss_kwargs)
                 self.scaler.scale(losses["loss"] / self.accumulation).backward()
             for key, value in losses.items():
                 terms[key] = terms.get(key, 0.0) + float(value.detach()) / self.accumulation
@@ -313,6 +309,24 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return terms
+
+    def _step_normaliser(self, micro_batches: list[dict[str, Any]]) -> dict[str, Any]:
+        """Mask2Former's mask-count normaliser of the whole step (docs/reference.md §R2.4).
+
+        The reference divides each GPU's mask terms by the matched masks averaged over the GPUs, so the
+        averaged gradient is (sum of the terms) / (masks of the global batch). The count follows from the
+        labels, so it is taken over every micro-batch of every process before the forward and each
+        micro-batch gets the mean per (process, micro-batch): accumulation then equals more processes.
+        Models without ``count_masks`` (UperNet) get nothing.
+        """
+        count = getattr(self.model, "count_masks", None)
+        if count is None:
+            return {}
+        local = sum(count(batch["label"]) for batch in micro_batches)
+        total = torch.tensor(float(local), dtype=torch.float64, device=self.dist.device)
+        if self.dist.distributed:
+            torch.distributed.all_reduce(total)
+        return {"num_masks": (total / (self.dist.world_size * self.accumulation)).float()}
 
     def _save(self, iteration: int, best: float | None) -> Path | None:
         path = None
@@ -324,9 +338,10 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         """Train to ``max_iters`` (resuming if the work dir holds a checkpoint)."""
-        if self.settings.deterministic:
+        if self.plan.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
+        apply_tf32(self.plan.tf32, self.dist.device)
         start, best = self._resume()
         if self.dist.is_main:
             self._truncate_log(start)
@@ -334,22 +349,22 @@ class Trainer:
             log.info("nothing to do: the run already reached %d iterations", start)
             last = self.checkpoints.latest()
             return TrainResult(start, last, self._best_path(), best)
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        previous = {sig: signal.signal(sig, self._on_stop_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         self.model.train()
         batches = self.train_batches(start, self.batch_size, self.accumulation)
         history: list[dict[str, float]] = []
         bar = tqdm(
             total=self.max_iters,
             initial=start,
-            disable=not (self.settings.progress and self.dist.is_main),
-            desc=self.config.name,
+            disable=not (self.plan.progress and self.dist.is_main),
+            desc=self.plan.entry,
             dynamic_ncols=True,
         )
         last_path: Path | None = None
         window_start, window_iters = time.perf_counter(), 0
         try:
             for iteration in range(start, self.max_iters):
-                lr = apply_lr(self.optimizer, iteration, self.config.schedule, self.max_iters)
+                lr = apply_lr(self.optimizer, iteration, self.plan.schedule, self.max_iters)
                 terms = self._step(iteration, batches)
                 done = iteration + 1
                 window_iters += 1
@@ -388,34 +403,32 @@ class Trainer:
                     self.model.train()
                 if self._stop_requested:
                     raise TrainingInterruptedError(
-                        f"stopped by SIGTERM after iteration {done}; rerun to resume"
+                        f"stopped by {signal.Signals(self._stop_signal).name} after iteration {done}; "
+                        "rerun the same command to resume",
+                        self._stop_signal,
                     )
         finally:
             bar.close()
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         return TrainResult(
             self.max_iters, last_path or self.checkpoints.latest(), self._best_path(), best, history
         )
 
     def _append_log(self, record: dict[str, Any]) -> None:
-        with (self.settings.work_dir / TRAIN_LOG).open("a") as handle:
+        with (self.plan.work_dir / TRAIN_LOG).open("a") as handle:
             handle.write(json.dumps(record) + "\n")
 
     def _truncate_log(self, iteration: int) -> None:
-        """Drop log lines written after the checkpoint a resumed run starts from."""
-        path = self.settings.work_dir / TRAIN_LOG
+        """Drop log lines written after the checkpoint a resumed run starts from (and a line torn by a kill)."""
+        path = self.plan.work_dir / TRAIN_LOG
         if not path.is_file():
             return
-        kept = [
-            line
-            for line in path.read_text().splitlines()
-            if line and json.loads(line)["iteration"] <= iteration
-        ]
-        write_text_atomic(path, "".join(line + "\n" for line in kept))
+        kept = [record for record in RunFolder(self.plan.work_dir).read_log() if record["iteration"] <= iteration]
+        write_text_atomic(path, "".join(json.dumps(record) + "\n" for record in kept))
 
     def _best_path(self) -> Path | None:
-        path = self.settings.work_dir / "best_mIoU.pth"
-        return path if path.is_file() else None
+        return self.checkpoints.folder.best_checkpoint()
 
     def _evaluate(self, iteration: int, best: float | None) -> float | None:
         self.model.eval()

@@ -200,3 +200,71 @@ def test_validation_rejects_an_out_of_range_label_in_a_shard(prepared: dict, tmp
     (out / INDEX_FILE).write_text(json.dumps(index))
     with pytest.raises(LabelError, match=r"val-000001.tar:ADE_val_00000005.label.png.*150"):
         validate_prepared(out)
+
+
+def test_empty_image_and_decompression_bomb_are_messages_and_skippable(
+    ade_twin_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from PIL import Image
+
+    from pipelines.cli import main
+
+    (ade_twin_copy / ADE_TRAIN / "ADE_train_00000002.jpg").write_bytes(b"")  # zero bytes: cv2.error before
+    args = ["data", "prepare", "ade20k", "--raw", str(ade_twin_copy), "--out", str(tmp_path / "out")]
+    assert main(args) == 1
+    assert "ADE_train_00000002.jpg: empty file (0 bytes)" in caplog.text
+    # a label map beyond Pillow's decompression-bomb limit (the limit lowered so a small file exceeds it)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    caplog.clear()
+    assert main([*args, "--skip-corrupt"]) == 0
+    skipped = {
+        s["key"]: s["reason"]
+        for s in json.loads((tmp_path / "out" / INDEX_FILE).read_text())["splits"]["train"]["skipped"]
+    }
+    assert "empty file" in skipped["ADE_train_00000002"]
+    assert "decompression bomb" in skipped["ADE_train_00000001"]
+    # the same files through `evaluate --data RAW` are messages too (no traceback)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 89_478_485)
+    (ade_twin_copy / "ADEChallengeData2016/images/validation/ADE_val_00000001.jpg").write_bytes(b"")
+    import models
+    from pipelines.runs.inputs import eval_items
+
+    source = eval_items(models.get_config("upernet_deit_adapter_tiny_512_160k_ade20k"), ade_twin_copy)
+    with pytest.raises(CorruptFileError, match=r"ADE_val_00000001\.jpg: empty file"):
+        list(source.items)
+
+
+def test_a_jpeg_with_trailing_bytes_is_valid(ade_twin_copy: Path, tmp_path: Path) -> None:
+    image = ade_twin_copy / ADE_TRAIN / "ADE_train_00000003.jpg"
+    original = cv2.imdecode(np.frombuffer(image.read_bytes(), np.uint8), cv2.IMREAD_COLOR)
+    image.write_bytes(image.read_bytes() + b"\x00trailing metadata" * 200)  # 3.6 kB after the end marker
+    report = prepare_dataset("ade20k", ade_twin_copy, tmp_path / "out")
+    assert report.index.splits["train"].num_samples == 4
+    split = PreparedDataset.open(tmp_path / "out").split("train")
+    decoded, _ = split.record(split.keys().index("ADE_train_00000003")).decode()
+    assert np.array_equal(decoded, original)
+
+
+def test_a_sample_key_that_is_a_path_is_refused(
+    ade_twin_copy: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A shard whose key is an absolute path: `data validate` used to pass it and `evaluate` wrote an overlay there."""
+    from pipelines.cli import main
+
+    out = tmp_path / "out"
+    prepare_dataset("ade20k", ade_twin_copy, out)
+    shard = out / "val-000000.tar"
+    rewritten = tmp_path / "rewritten.tar"
+    with tarfile.open(shard) as src, tarfile.open(rewritten, "w") as dst:
+        for member in src.getmembers():
+            data = src.extractfile(member).read()
+            member.name = member.name.replace("ADE_val_00000001", str(tmp_path / "evil"))
+            dst.addfile(member, io.BytesIO(data))
+    shutil.copyfile(rewritten, shard)
+    index = json.loads((out / INDEX_FILE).read_text())
+    info = index["splits"]["val"]["shards"][0]
+    info.update(num_bytes=shard.stat().st_size, sha256=file_sha256(shard))
+    (out / INDEX_FILE).write_text(json.dumps(index))
+    assert main(["data", "validate", str(out)]) == 1
+    assert "is not a plain name" in caplog.text and "evil" in caplog.text
+    assert not (tmp_path / "evil.png").exists()

@@ -1,4 +1,4 @@
-"""Catalog facts and label conventions, checked on hand-chosen pixels (datasets.md)."""
+"""Catalog facts and label conventions, checked on hand-chosen pixels (docs/reference.md §D)."""
 
 from __future__ import annotations
 

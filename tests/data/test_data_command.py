@@ -57,7 +57,8 @@ def test_prepare_options_and_missing_dataset(tmp_path: Path) -> None:
     assert _run("data", "prepare", "ade20k", "--raw", str(twin), "--out", str(out), "--splits", "val") == 0
     assert sorted(json.loads((out / INDEX_FILE).read_text())["splits"]) == ["val"]
     with pytest.raises(DatasetNotFoundError, match=r"ADEChallengeData2016\.zip"):
-        _run("data", "prepare", "ade20k", "--raw", str(tmp_path), "--out", str(tmp_path / "x"))
+        (tmp_path / "empty").mkdir()
+        _run("data", "prepare", "ade20k", "--raw", str(tmp_path / "empty"), "--out", str(tmp_path / "x"))
     assert _run("data") == 2  # no action: help
 
 

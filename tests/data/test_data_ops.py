@@ -1,4 +1,4 @@
-"""Reference-exact primitive operations (mmcv 1.4.2 / mmseg 0.20.2 facts from recipes.md and pitfalls.md)."""
+"""Reference-exact primitive operations (mmcv 1.4.2 / mmseg 0.20.2 facts from docs/reference.md §R3 and §P7)."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def _reference_distortion(
 
 
 def test_rescale_size_rounds_halves_up() -> None:
-    # pitfalls.md 7.3: 683 x 1.5 = 1024.5 becomes 1025 (Python's round() would give 1024)
+    # docs/reference.md §P7.3: 683 x 1.5 = 1024.5 becomes 1025 (Python's round() would give 1024)
     assert rescale_size(512, 683, (2048, 768)) == (768, 1025)
     # short side to 512 unless the long side would exceed 2048
     assert rescale_size(300, 400, (2048, 512)) == (512, 683)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from data.atomic import OWNER_MARKER
 from data.catalog import get_dataset, to_train_ids
 from data.prepare import prepare_dataset
 from data.readers import decode_label_image, decode_label_mat, find_samples
@@ -112,7 +113,7 @@ def test_other_options_rebuild(twins: dict, tmp_path: Path) -> None:
         "ade20k", twins["ade20k"].root, out, samples_per_shard=3, limit=2, splits=["val"]
     )
     assert not limited.reused
-    assert sorted(p.name for p in out.iterdir()) == [INDEX_FILE, "val-000000.tar"]
+    assert sorted(p.name for p in out.iterdir()) == [OWNER_MARKER, INDEX_FILE, "val-000000.tar"]
     assert PreparedDataset.open(out).split("val").keys() == ["ADE_val_00000001", "ADE_val_00000002"]
 
 

@@ -112,7 +112,7 @@ def test_probabilities_flip_back_and_unpad() -> None:
 
 
 def test_evaluation_precision_follows_the_recipe() -> None:
-    """recipes.md 2.6: test.py ran DeiT-T/S/B and AugReg-T/B under fp16 autocast (on GPU), the rest in fp32."""
+    """docs/reference.md §R2.6: test.py ran DeiT-T/S/B and AugReg-T/B under fp16 autocast (on GPU), the rest in fp32."""
     import models
     from pipelines.engine.evaluator import resolve_precision
 

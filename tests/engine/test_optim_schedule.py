@@ -1,4 +1,4 @@
-"""Parameter groups and learning rates against the formulas of recipes.md 2.3."""
+"""Parameter groups and learning rates against the formulas of docs/reference.md §R2.3."""
 
 from __future__ import annotations
 
@@ -10,7 +10,14 @@ from models.config import ScheduleRecipe
 from pipelines.engine.optim import build_optimizer, layer_id_for, param_group_specs
 from pipelines.engine.schedule import apply_lr, scheduled_lr
 
-TINY = {"embed_dim": 64, "num_heads": 2, "deform_num_heads": 2, "conv_inplane": 16, "channels": 32}
+TINY = {
+    "embed_dim": 64,
+    "num_heads": 2,
+    "deform_num_heads": 2,
+    "conv_inplane": 16,
+    "decode_head.channels": 32,
+    "auxiliary_head.channels": 32,
+}
 
 
 def _specs(name: str, **overrides):
@@ -67,7 +74,9 @@ def test_layer_decay_groups_deit_tiny() -> None:
 
 
 def test_layer_decay_large_beit() -> None:
-    _, _, by_param = _specs("upernet_beit_adapter_large_640_160k_ade20k", img_size=64)
+    _, _, by_param = _specs(
+        "upernet_beit_adapter_large_640_160k_ade20k", crop_size=[64, 64], **{"data.eval.stride": [48, 48]}
+    )
     base = 2e-5
     assert by_param["backbone.cls_token"].lr == pytest.approx(base * 0.9**25)  # 0.0718
     assert by_param["backbone.blocks.0.attn.relative_position_bias_table"].lr == pytest.approx(base * 0.9**24)

@@ -19,15 +19,16 @@ import torch
 import models
 from data.prepare import prepare_dataset
 from data.synthetic import synthesize
-from micro_params import TINY_DATA, TINY_MODEL
-from models.checkpoint import load_checkpoint_file, save_checkpoint_file
+from micro_params import cli_model_args, tiny_config, tiny_model
+from models.checkpoint import load_checkpoint_file
 from pipelines.cli import main
-from pipelines.engine.trainer import TrainSettings
-from pipelines.train import RunSpec, build_model, run_training, stage_checkpoint_path
-from pipelines.weights import WeightsNotFoundError, resolve_weights
+from pipelines.config.knobs import TrainParams
+from pipelines.engine.checkpoints import save_checkpoint_file
+from pipelines.runs.training import RunSpec, build_model, run_training, stage_checkpoint_path
+from pipelines.runs.weights import WeightsNotFoundError, resolve_weights
 
 NAME = "upernet_deit_adapter_tiny_512_160k_ade20k"
-TINY = {**TINY_MODEL, **TINY_DATA}
+TINY = models.zoo.resolved_overrides(NAME, preset="tiny")  # what a run records
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +75,27 @@ def test_weights_are_downloaded_and_hash_checked(http_folder, tmp_path: Path) ->
         resolve_weights(name, None, weights_dir=tmp_path / "weights", sha256="abc")
 
 
+def test_every_weight_file_is_verified_by_content(http_folder, tmp_path: Path) -> None:
+    """BEiT/AugReg/release files carry no hash in their name: their sha256 is recorded on first use and checked
+    afterwards; a download is verified before it is renamed into place."""
+    served, base = http_folder
+    weights = tmp_path / "weights"
+    name = "beit_large_patch16_224_pt22k_ft22k.pth"
+    payload = b"beit weights" * 1000
+    (served / name).write_bytes(payload)
+    path, digest = resolve_weights(name, f"{base}/{name}", weights_dir=weights)
+    assert digest == hashlib.sha256(payload).hexdigest() and len(digest) == 64
+    assert json.loads((weights / "SHA256SUMS.json").read_text()) == {name: digest}
+    path.write_bytes(payload[:-1] + b"X")  # the file changes on disk
+    with pytest.raises(ValueError, match=r"does not match the expected .*delete it to download it again"):
+        resolve_weights(name, f"{base}/{name}", weights_dir=weights)
+    path.unlink()
+    (served / name).write_bytes(b"a different file under the same name")
+    with pytest.raises(ValueError, match="the download's sha256 .* does not match"):
+        resolve_weights(name, f"{base}/{name}", weights_dir=weights)
+    assert not path.exists() and not any(weights.glob(".*.tmp"))  # nothing half-verified left in place
+
+
 def test_offline_error_names_the_file_url_and_place(tmp_path: Path) -> None:
     url = "http://127.0.0.1:9/deit_tiny_patch16_224-a1311bcf.pth"  # nothing listens on the discard port
     with pytest.raises(WeightsNotFoundError) as err:
@@ -85,24 +107,34 @@ def test_offline_error_names_the_file_url_and_place(tmp_path: Path) -> None:
         resolve_weights("x.pth", url, weights_dir=tmp_path / "w", download=False)
 
 
-def _spec(twin: Path, work_dir: Path, **kwargs) -> RunSpec:
-    settings = TrainSettings(
-        work_dir=work_dir,
+def _spec(
+    twin: Path, work_dir: Path, *, pretrained: str = "auto", precision: str = "fp32", **kwargs
+) -> RunSpec:
+    knobs = TrainParams(
         max_iters=2,
         batch_size=2,
         global_batch=2,
         log_interval=1,
         eval_interval=100,
-        progress=False,
+        num_workers=0,
+        pretrained=pretrained,
+        precision=precision,
     )
-    values = {"name": NAME, "data": twin, "settings": settings, "overrides": TINY, "num_workers": 0}
+    values = {
+        "name": NAME,
+        "data": twin,
+        "work_dir": work_dir,
+        "knobs": knobs,
+        "overrides": TINY,
+        "progress": False,
+    }
     values.update(kwargs)
     return RunSpec(**values)
 
 
 def test_pretrained_deit_file_is_loaded_and_reported(twin: Path, tmp_path: Path) -> None:
     torch.manual_seed(1)
-    donor = models.create_segmentor(NAME, **TINY).backbone
+    donor = tiny_model(NAME).backbone
     state = {
         k: v for k, v in donor.state_dict().items() if k.startswith(("patch_embed", "blocks", "pos_embed"))
     }
@@ -125,17 +157,17 @@ def test_missing_pretrained_file_is_a_clear_error(twin: Path, tmp_path: Path) ->
 
 
 def test_stage_two_starts_from_stage_one_with_fresh_class_layers(twin: Path, tmp_path: Path) -> None:
-    """The strategy-2 hand-off (recipes.md 2.2), shown on UperNet: stage 1 with 171 classes, stage 2 with 150.
+    """The strategy-2 hand-off (docs/reference.md §R2.2), shown on UperNet: stage 1 with 171 classes, stage 2 with 150.
 
     Everything whose name and shape match is copied; both class layers get PyTorch's default initialisation;
     the stage-1 optimizer state and iteration are not carried.
     """
     torch.manual_seed(2)
-    stage1 = models.create_segmentor(NAME, **{**TINY, "num_classes": 171})
+    stage1 = tiny_model(NAME, num_classes=171)  # COCO-Stuff's classes (a model test: built unchecked)
     checkpoint = save_checkpoint_file(
         {"state_dict": stage1.state_dict(), "optimizer": {}, "iteration": 80000}, tmp_path / "s1.pth"
     )
-    config = models.get_config(NAME, **TINY)
+    config = tiny_config(NAME)
     staged = dataclasses.replace(
         config, pretrained=dataclasses.replace(config.pretrained, init_from="stage1")
     )
@@ -177,11 +209,9 @@ def test_stage_two_without_its_stage_checkpoint_names_what_to_do(twin: Path, tmp
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_low_precision_training_runs(twin: Path, tmp_path: Path, precision: str) -> None:
-    spec = _spec(twin, tmp_path / "run", pretrained="none")
-    spec = dataclasses.replace(spec, settings=dataclasses.replace(spec.settings, precision=precision))
-    result = run_training(spec)
+    result = run_training(_spec(twin, tmp_path / "run", pretrained="none", precision=precision))
     state = load_checkpoint_file(result.last_checkpoint)
-    assert state["iteration"] == 2 and state["settings"]["precision"] == precision
+    assert state["iteration"] == 2 and state["plan"]["precision"] == precision
     assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
     if precision == "fp16":
         assert state["scaler"]["scale"] > 0
@@ -189,9 +219,9 @@ def test_low_precision_training_runs(twin: Path, tmp_path: Path, precision: str)
 
 def test_distributed_evaluation_counts_each_image_once(twin: Path, tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model = models.create_segmentor(NAME, **TINY)
+    model = tiny_model(NAME)
     checkpoint = save_checkpoint_file({"state_dict": model.state_dict()}, tmp_path / "model.pth")
-    sets = [arg for k, v in TINY.items() for arg in ("--set", f"{k}={json.dumps(v)}")]
+    sets = cli_model_args()
     single = tmp_path / "single.json"
     args = ["evaluate", NAME, "--checkpoint", str(checkpoint), "--data", str(twin), "--no-progress", *sets]
     assert main([*args, "--out", str(single)]) == 0

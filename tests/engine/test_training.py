@@ -15,22 +15,19 @@ import numpy as np
 import pytest
 import torch
 
+import models
 from data.prepare import prepare_dataset
 from data.synthetic import synthesize
-from micro_params import TINY_DATA, TINY_M2F, TINY_MODEL
+from micro_params import cli_model_args
 from models.checkpoint import load_checkpoint_file
 from pipelines.cli import main
-from pipelines.engine.trainer import TrainSettings
-from pipelines.train import RunSpec, run_training
+from pipelines.config.knobs import TrainParams
+from pipelines.runs.training import RunSpec, run_training
 
 NAME = "upernet_deit_adapter_tiny_512_160k_ade20k"
 CLASSES_USED = 4
-TINY = {**TINY_MODEL, **TINY_DATA}
-FAST = {**TINY, "lr": 1e-3, "warmup_iters": 10}
-
-
-def _sets(overrides: dict) -> list[str]:
-    return [arg for k, v in overrides.items() for arg in ("--set", f"{k}={json.dumps(v)}")]
+FAST_OVERRIDES = {"optimizer.lr": 1e-3, "schedule.warmup_iters": 10}
+FAST = models.zoo.resolved_overrides(NAME, FAST_OVERRIDES, preset="tiny")
 
 
 @pytest.fixture(scope="module")
@@ -50,20 +47,20 @@ def twin(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "prepared"
 
 
-def _settings(work_dir: Path, **kwargs) -> TrainSettings:
-    values = {"work_dir": work_dir, "log_interval": 10, "progress": False, "deterministic": True}
+def _knobs(**kwargs) -> TrainParams:
+    values = {"log_interval": 10, "deterministic": True, "pretrained": "none", "num_workers": 0}
     values.update(kwargs)
-    return TrainSettings(**values)
+    return TrainParams(**values)
 
 
 def test_tiny_model_learns_the_twin(twin: Path, tmp_path: Path) -> None:
     spec = RunSpec(
         name=NAME,
         data=twin,
-        settings=_settings(tmp_path / "run", max_iters=150, batch_size=4, global_batch=4, eval_interval=150),
+        work_dir=tmp_path / "run",
+        knobs=_knobs(max_iters=150, batch_size=4, global_batch=4, eval_interval=150),
         overrides=FAST,
-        pretrained="none",
-        num_workers=0,
+        progress=False,
     )
     result = run_training(spec)
     # 4 classes used: chance is ~1/4 accuracy and far lower mIoU
@@ -75,10 +72,8 @@ def test_tiny_model_learns_the_twin(twin: Path, tmp_path: Path) -> None:
 
 def _initial_weights() -> dict[str, torch.Tensor]:
     """The weights a run starts from (seeded initialisation of the same overrides)."""
-    import models
-
     torch.manual_seed(0)
-    return models.create_segmentor(NAME, **FAST).state_dict()
+    return models.create_segmentor(NAME, FAST).state_dict()
 
 
 def _final_weights(work_dir: Path) -> dict[str, torch.Tensor]:
@@ -102,7 +97,7 @@ def _train_cmd(twin: Path, work_dir: Path, *extra: str) -> list[str]:
         "--no-progress",
         "--eval-interval",
         "1000",
-        *_sets(FAST),
+        *cli_model_args(FAST_OVERRIDES),
         *extra,
     ]
 
@@ -110,7 +105,7 @@ def _train_cmd(twin: Path, work_dir: Path, *extra: str) -> list[str]:
 def test_two_processes_equal_one_with_the_same_global_batch(twin: Path, tmp_path: Path) -> None:
     # no warmup: every step moves the weights by ~lr, far above the tolerance below
     common = ["--max-iters", "6", "--batch-size", "2", "--global-batch", "4", "--checkpoint-interval", "1"]
-    common += ["--keep-checkpoints", "6", "--set", "warmup_iters=0", "--log-interval", "1"]
+    common += ["--keep-checkpoints", "6", "--set", "schedule.warmup_iters=0", "--log-interval", "1"]
     assert main(_train_cmd(twin, tmp_path / "one", *common)) == 0  # 1 process x 2 x accumulation 2
     # two torchrun "nodes" of one process each, meeting through a c10d rendezvous on loopback: the multi-node
     # path of the README (a single node with --nproc-per-node 2 runs the same code)
@@ -169,9 +164,9 @@ def test_two_processes_equal_one_with_the_same_global_batch(twin: Path, tmp_path
     diffs = torch.cat([(two[k] - one[k]).abs().flatten() for k in compared])
     start = _initial_weights()
     moved = torch.cat([(one[k] - start[k]).abs().flatten() for k in compared])
-    assert moved.median() > 0.5 * FAST["lr"]  # the step really moved the weights
+    assert moved.median() > 0.5 * FAST["optimizer.lr"]  # the step really moved the weights
     assert (diffs <= 1e-6).float().mean() > 0.999, (diffs <= 1e-6).float().mean()
-    assert diffs.max() <= 2 * FAST["lr"]
+    assert diffs.max() <= 2 * FAST["optimizer.lr"]
 
 
 def test_sigkill_and_resume_gives_the_uninterrupted_weights(twin: Path, tmp_path: Path) -> None:
@@ -218,13 +213,13 @@ def test_evaluate_and_predict_from_an_official_checkpoint(twin: Path, tmp_path: 
     spec = RunSpec(
         name=NAME,
         data=twin,
-        settings=_settings(tmp_path / "run", max_iters=30, batch_size=4, global_batch=4, eval_interval=1000),
+        work_dir=tmp_path / "run",
+        knobs=_knobs(max_iters=30, batch_size=4, global_batch=4, eval_interval=1000),
         overrides=FAST,
-        pretrained="none",
-        num_workers=0,
+        progress=False,
     )
     run_training(spec)
-    sets = _sets(TINY)
+    sets = cli_model_args()
     official = tmp_path / "official.pth"
     assert (
         main(
@@ -263,6 +258,7 @@ def test_evaluate_and_predict_from_an_official_checkpoint(twin: Path, tmp_path: 
         assert metrics["mode"] == mode and metrics["num_images"] == 6 and 0.0 <= metrics["mIoU"] <= 100.0
         assert metrics["published_miou"] == (42.6 if mode == "ss" else 43.6)
         assert len(metrics["per_class"]["IoU"]) == 150
+        assert metrics["deform_attn_backend"] == "pytorch"  # what ran on the CPU, recorded with the result
     assert '"mIoU"' in capsys.readouterr().out  # the metrics are printed too
     # the raw official folder works as well as the shards
     raw = twin.parent / "raw"
@@ -288,7 +284,7 @@ def test_tiny_mask2former_trains_evaluates_and_predicts_through_the_commands(
     twin: Path, tmp_path: Path
 ) -> None:
     name = "mask2former_beit_adapter_large_640_160k_ade20k"
-    sets = _sets(TINY_M2F)
+    sets = cli_model_args()
     common = ["--data", str(twin), "--pretrained", "none", "--num-workers", "0", "--no-progress"]
     train = ["train", name, "--work-dir", str(tmp_path / "run"), "--max-iters", "4", "--batch-size", "2"]
     assert main([*train, "--global-batch", "2", "--eval-interval", "4", *common, *sets]) == 0

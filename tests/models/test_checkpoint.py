@@ -19,8 +19,8 @@ from models.checkpoint import (
     export_official_state_dict,
     load_checkpoint_file,
     load_official_state_dict,
-    save_checkpoint_file,
 )
+from pipelines.engine.checkpoints import save_checkpoint_file
 
 TINY = TINY_MODEL
 NAME = "upernet_deit_adapter_tiny_512_160k_ade20k"
@@ -50,9 +50,18 @@ def test_strict_load_reports_every_key_by_name(model, official) -> None:
     with pytest.raises(CheckpointError) as err:
         load_official_state_dict(model, state)
     message = str(err.value)
-    assert "missing (1): backbone.level_embed" in message
-    assert "unexpected (1): backbone.cls_token" in message
+    assert "missing (1) by prefix: backbone.level_embed (1); backbone.level_embed" in message
+    assert "unexpected (1) by prefix: backbone.cls_token (1); backbone.cls_token" in message
     assert "decode_head.conv_seg.weight model [150, 32, 1, 1] vs checkpoint [3, 32, 1, 1]" in message
+
+
+def test_a_long_key_report_is_summarised_per_prefix(model, official) -> None:
+    state = {k: v for k, v in official["state_dict"].items() if not k.startswith("backbone.blocks.")}
+    with pytest.raises(CheckpointError) as err:
+        load_official_state_dict(model, state)
+    line = next(x for x in str(err.value).splitlines() if x.startswith("missing"))
+    assert line.startswith("missing (") and "backbone.blocks (" in line and "more)" in line
+    assert len(line) < 1000  # not hundreds of key names: the full list goes to the key report
 
 
 def test_non_strict_load_keeps_matching_keys(model, official) -> None:
@@ -120,8 +129,11 @@ def test_arbitrary_code_in_a_pickle_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "evil.pth"
     with path.open("wb") as handle:
         torch.save({"state_dict": {}, "x": _Payload()}, handle)
-    with pytest.raises(CheckpointError, match=r"evil\.pth is not a readable PyTorch checkpoint"):
+    with pytest.raises(CheckpointError) as err:
         load_checkpoint_file(path)
+    message = str(err.value)
+    assert "refusing to load" in message and "evil.pth" in message and "posix.getcwd" in message
+    assert "weights_only=False" not in message  # no advice to turn the protection off
 
 
 def test_atomic_save_leaves_no_partial_file(tmp_path: Path) -> None:

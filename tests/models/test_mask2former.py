@@ -1,5 +1,5 @@
 """Mask2Former head, criterion and segmentor on tiny configs: matching, losses, inference semantics,
-training signal, checkpointing, autocast and the strategy-2 hand-off (recipes.md 2.2, 2.4, 2.5)."""
+training signal, checkpointing, autocast and the strategy-2 hand-off (docs/reference.md §R2.2, §R2.4, §R2.5)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import models
+from micro_params import tiny_model
 from models.checkpoint import CheckpointError, load_stage_checkpoint
 from models.heads.mask2former import (
     HungarianMatcher,
@@ -24,30 +25,20 @@ from models.heads.mask2former.points import point_sample, uncertain_point_coords
 NAME = "mask2former_beit_adapter_base_480_40k_pascal_context_59"
 NUM_CLASSES = 5
 SIZE = 64
+# the tiny preset with 8 queries, 2 encoder and 3 decoder layers (every level attended once; the full 9
+# where the stage count matters), no drop path
 TINY = {
-    "embed_dim": 64,
-    "depth": 4,
-    "num_heads": 2,
-    "deform_num_heads": 2,
-    "img_size": SIZE,
-    "conv_inplane": 16,
-    "feat_channels": 32,
-    "out_channels": 32,
-    "num_queries": 8,
-    "encoder_num_heads": 2,
-    "decoder_num_heads": 2,
-    "encoder_ffn_channels": 64,
-    "decoder_ffn_channels": 64,
-    "train_num_points": 256,
-    "num_encoder_layers": 2,
-    "num_decoder_layers": 3,  # every level attended once; the full 9 where the stage count matters
+    "decode_head.num_queries": 8,
+    "decode_head.num_encoder_layers": 2,
+    "decode_head.num_decoder_layers": 3,
     "drop_path_rate": 0.0,
 }
 STAGE_TERMS = ("loss_cls", "loss_mask", "loss_dice")
 
 
 def _tiny(name: str = NAME, **overrides):
-    return models.create_segmentor(name, **{**TINY, "num_classes": NUM_CLASSES, **overrides})
+    """The tiny model of ``name`` with ``NUM_CLASSES`` classes (a model test: no dataset involved)."""
+    return tiny_model(name, {**TINY, **overrides}, num_classes=NUM_CLASSES)
 
 
 def _perturb(model: torch.nn.Module, seed: int = 0) -> None:
@@ -313,7 +304,7 @@ def test_labels_must_match_images() -> None:
 def test_tiny_mask2former_overfits_one_batch() -> None:
     # one pixel-encoder layer and 3 decoder layers (4 supervised stages): a few seconds on a CPU
     torch.manual_seed(0)
-    model = _tiny(num_encoder_layers=1)
+    model = _tiny(**{"decode_head.num_encoder_layers": 1})
     img, labels = _batch()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     history = []
@@ -347,7 +338,7 @@ def test_semantic_inference_semantics() -> None:
 
 def test_forward_and_predict_are_the_last_stage_scores() -> None:
     torch.manual_seed(0)
-    model = _tiny(num_decoder_layers=9).eval()
+    model = _tiny(**{"decode_head.num_decoder_layers": 9}).eval()
     img, _ = _batch(batch=1)
     with torch.no_grad():
         cls_preds, mask_preds = model.forward_stages(img)
@@ -396,7 +387,7 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
     grads = []
     for with_cp in (False, True):
         torch.manual_seed(0)
-        model = _tiny(with_cp=with_cp)
+        model = _tiny(**{"backbone.with_cp": with_cp, "decode_head.with_cp": with_cp})
         assert model.decode_head.pixel_decoder.encoder.layers[0].ffns[0].with_cp is with_cp
         _perturb(model)
         img, labels = _batch()
@@ -428,15 +419,14 @@ def test_bf16_autocast_runs() -> None:
 
 COCO = "mask2former_beit_adapter_large_896_80k_cocostuff164k"
 ADE = "mask2former_beit_adapter_large_896_80k_ade20k"
-HANDOFF_TINY = {k: v for k, v in TINY.items() if k != "num_classes"}
 
 
 def test_coco_stuff_to_ade20k_hand_off_reinitialises_only_the_class_layer() -> None:
     assert models.get_config(ADE).pretrained.init_from == COCO
     torch.manual_seed(0)
-    coco = models.create_segmentor(COCO, **HANDOFF_TINY)
+    coco = tiny_model(COCO, TINY)
     _perturb(coco, seed=1)
-    ade = models.create_segmentor(ADE, **HANDOFF_TINY)
+    ade = tiny_model(ADE, TINY)
     before = ade.decode_head.cls_embed.weight.clone()
     checkpoint = {"meta": {"iter": 80000}, "state_dict": coco.state_dict()}
     report = load_stage_checkpoint(ade, checkpoint, source="coco.pth")
@@ -458,16 +448,12 @@ def test_coco_stuff_to_ade20k_hand_off_reinitialises_only_the_class_layer() -> N
 
 
 def test_hand_off_refuses_another_architecture() -> None:
-    ade = models.create_segmentor(ADE, **HANDOFF_TINY)
+    ade = tiny_model(ADE, TINY)
     state = dict(ade.state_dict())
     del state["decode_head.query_feat.weight"]
     with pytest.raises(CheckpointError, match=r"missing \(1\): decode_head.query_feat.weight"):
         load_stage_checkpoint(ade, state)
-    trunk = {
-        k: TINY[k]
-        for k in ("embed_dim", "depth", "num_heads", "deform_num_heads", "img_size", "conv_inplane")
-    }
-    upernet = models.create_segmentor("upernet_beit_adapter_large_640_160k_ade20k", **trunk, channels=32)
+    upernet = tiny_model("upernet_beit_adapter_large_640_160k_ade20k")
     with pytest.raises(CheckpointError, match="not of the same architecture"):
         load_stage_checkpoint(ade, upernet.state_dict())
 

@@ -1,4 +1,4 @@
-"""Mask2Former parity with the reference (parity/README.md): the fill rule, loaded through the
+"""Mask2Former parity with the reference (docs/reference.md §G1): the fill rule, loaded through the
 official-checkpoint converter, reproduces ``golden_mask2former_beit_adapter_base_pc59_480x480``:
 pixel-decoder outputs, ``seg_mask`` and the segmentor logits within 1e-4, the per-stage class and
 mask predictions within 5e-4 (the masked-attention threshold can flip near-threshold entries)."""

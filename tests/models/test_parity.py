@@ -1,4 +1,4 @@
-"""Parity with the reference implementation (parity/README.md): the fill rule, loaded through the
+"""Parity with the reference implementation (docs/reference.md §G1): the fill rule, loaded through the
 official-checkpoint converter, reproduces the reference's outputs within atol 1e-4."""
 
 from __future__ import annotations
@@ -81,7 +81,10 @@ def test_beit_adapter_base_backbone_golden() -> None:
     golden = load_golden("beit_adapter_base_backbone_224")
     assert golden.backbone_overrides == {"img_size": 224}
     manifest = load_manifest("mask2former_beit_adapter_base_480_40k_pascal_context_59")
-    config = models.get_config("mask2former_beit_adapter_base_480_40k_pascal_context_59", img_size=224)
+    config = models.get_config(
+        "mask2former_beit_adapter_base_480_40k_pascal_context_59",
+        {"crop_size": [224, 224], "data.eval.stride": [160, 160]},
+    )
     backbone = models.ViTAdapter(config.backbone).eval()
     # the backbone part of the manifest, with the relative-position tables at img_size 224
     ours = backbone.state_dict()

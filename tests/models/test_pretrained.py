@@ -1,4 +1,4 @@
-"""Pretrained trunk loading (recipes.md 2.2): DeiT/AugReg by name, BEiT with relative-position resampling."""
+"""Pretrained trunk loading (docs/reference.md §R2.2): DeiT/AugReg by name, BEiT with relative-position resampling."""
 
 from __future__ import annotations
 
@@ -88,7 +88,8 @@ def test_beit_checkpoint_with_shared_table_is_resized_into_every_block() -> None
         embed_dim=64,
         num_heads=2,
         deform_num_heads=2,
-        img_size=96,
+        crop_size=[96, 96],  # a BEiT trunk's img_size follows the crop
+        **{"data.eval.stride": [64, 64]},
     )
     # BEiT 224 pretraining: 14 x 14 window -> 27*27 + 3 rows; a shared table and an encoder. prefix
     shared = torch.randn(27 * 27 + 3, 2)

@@ -7,18 +7,18 @@ import torch
 import torch.nn.functional as F
 
 import models
+from micro_params import tiny_model
 from models.losses import seg_cross_entropy
 
-TINY = {
-    "embed_dim": 64,
-    "depth": 4,
-    "num_heads": 2,
-    "deform_num_heads": 2,
-    "img_size": 64,
-    "conv_inplane": 16,
-    "channels": 32,
-    "num_classes": 7,
-}
+NUM_CLASSES = 7
+NO_DROP = {"drop_path_rate": 0.0, "decode_head.dropout_ratio": 0.0, "auxiliary_head.dropout_ratio": 0.0}
+
+
+def _tiny(name: str, overrides: dict | None = None):
+    """The tiny preset of ``name`` with 7 classes (a model test: no dataset involved)."""
+    return tiny_model(name, overrides, num_classes=NUM_CLASSES)
+
+
 SIZE = 64
 
 
@@ -41,7 +41,7 @@ def _batch(batch: int = 2, size: int = SIZE, num_classes: int = 7, seed: int = 0
 @pytest.mark.parametrize("name", models.list_configs(head="upernet"))
 def test_tiny_forward_backward_reaches_every_parameter(name: str) -> None:
     # no stochastic depth / dropout: a dropped residual branch legitimately gets no gradient
-    model = models.create_segmentor(name, **TINY, drop_path_rate=0.0, dropout_ratio=0.0)
+    model = _tiny(name, NO_DROP)
     _perturb(model)
     img, labels = _batch()
     logits = model(img)
@@ -57,7 +57,7 @@ def test_tiny_forward_backward_reaches_every_parameter(name: str) -> None:
 
 
 def test_predict_is_decode_logits_resized_to_the_input() -> None:
-    model = models.create_segmentor("upernet_deit_adapter_tiny_512_160k_ade20k", **TINY).eval()
+    model = _tiny("upernet_deit_adapter_tiny_512_160k_ade20k").eval()
     img, _ = _batch(batch=1, size=96)
     with torch.no_grad():
         logits = model.predict(img)
@@ -79,9 +79,7 @@ def test_loss_semantics_sum_over_valid_divided_by_all_pixels() -> None:
 
 
 def test_aux_loss_weight_is_0_4() -> None:
-    model = models.create_segmentor(
-        "upernet_deit_adapter_tiny_512_160k_ade20k", **TINY, drop_path_rate=0.0, dropout_ratio=0.0
-    ).eval()
+    model = _tiny("upernet_deit_adapter_tiny_512_160k_ade20k", NO_DROP).eval()
     img, labels = _batch()
     with torch.no_grad():
         losses = model.loss(img, labels)
@@ -95,19 +93,19 @@ def test_aux_loss_weight_is_0_4() -> None:
 
 @pytest.mark.parametrize(("height", "width"), [(72, 64), (64, 80), (48, 48)])
 def test_input_not_multiple_of_32_names_the_size(height: int, width: int) -> None:
-    model = models.create_segmentor("upernet_deit_adapter_tiny_512_160k_ade20k", **TINY).eval()
+    model = _tiny("upernet_deit_adapter_tiny_512_160k_ade20k").eval()
     with pytest.raises(ValueError, match=f"input size {height}x{width} is not a multiple of 32"):
         model(torch.zeros(1, 3, height, width))
 
 
 def test_beit_input_must_equal_img_size() -> None:
-    model = models.create_segmentor("upernet_beit_adapter_large_640_160k_ade20k", **TINY).eval()
+    model = _tiny("upernet_beit_adapter_large_640_160k_ade20k").eval()
     with pytest.raises(ValueError, match="input size 96x96 does not match the BEiT trunk's img_size 64x64"):
         model(torch.zeros(1, 3, 96, 96))
 
 
 def test_vit_accepts_any_multiple_of_32_non_square() -> None:
-    model = models.create_segmentor("upernet_augreg_adapter_base_512_160k_ade20k", **TINY).eval()
+    model = _tiny("upernet_augreg_adapter_base_512_160k_ade20k").eval()
     with torch.no_grad():
         features = model.extract_features(torch.randn(1, 3, 96, 160))
     assert [tuple(f.shape[2:]) for f in features] == [(24, 40), (12, 20), (6, 10), (3, 5)]
@@ -120,7 +118,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(name: str) -> None:
     grads = []
     for with_cp in (False, True):
         torch.manual_seed(0)
-        model = models.create_segmentor(name, **TINY, with_cp=with_cp, drop_path_rate=0.0, dropout_ratio=0.0)
+        model = _tiny(name, {**NO_DROP, "backbone.with_cp": with_cp})
         _perturb(model)
         img, labels = _batch()
         model.loss(img, labels)["loss"].backward()
@@ -131,14 +129,14 @@ def test_gradient_checkpointing_gives_the_same_gradients(name: str) -> None:
 
 
 def test_labels_must_match_images() -> None:
-    model = models.create_segmentor("upernet_deit_adapter_tiny_512_160k_ade20k", **TINY)
+    model = _tiny("upernet_deit_adapter_tiny_512_160k_ade20k")
     img, labels = _batch()
     with pytest.raises(ValueError, match="do not match images"):
         model.loss(img, labels[:, :32])
 
 
 def test_bf16_autocast_forward_runs() -> None:
-    model = models.create_segmentor("upernet_deit_adapter_tiny_512_160k_ade20k", **TINY).eval()
+    model = _tiny("upernet_deit_adapter_tiny_512_160k_ade20k").eval()
     img, _ = _batch(batch=1)
     with torch.no_grad():
         reference = model(img)

@@ -11,19 +11,21 @@ import pytest
 import torch
 
 import models
-from models.checkpoint import load_checkpoint_file, save_checkpoint_file
+from models.checkpoint import load_checkpoint_file
 from pipelines.cli import main
 from pipelines.commands.configs import JSON_FIELDS
+from pipelines.engine.checkpoints import save_checkpoint_file
 from reference_data import reference_param_counts
 
 NAME = "upernet_deit_adapter_tiny_512_160k_ade20k"
-TINY_SET = ["embed_dim=64", "depth=4", "num_heads=2", "deform_num_heads=2", "conv_inplane=16", "channels=32"]
+TINY_SET = ["--preset", "tiny"]
 
 
 def test_configs_list_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["configs", "list", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert len(rows) == 16
+    assert len(rows) == 24 and sum(not row["extension"] for row in rows) == 16  # 16 published + 8 extensions
+    assert all(row["num_params"] > 0 for row in rows)
     assert all(tuple(row) == JSON_FIELDS for row in rows)
     counts = reference_param_counts()
     by_name = {row["name"]: row for row in rows}
@@ -54,7 +56,7 @@ def test_bad_input_is_a_clear_error(caplog: pytest.LogCaptureFixture, tmp_path: 
     assert main(["configs", "show", "nope"]) == 1
     assert "unknown zoo entry 'nope'" in caplog.text
     assert main(["configs", "show", NAME, "--set", "embed_dimm=3"]) == 1
-    assert "unknown override 'embed_dimm'" in caplog.text
+    assert "override 'embed_dimm'" in caplog.text and "no such field" in caplog.text
     assert (
         main(["checkpoint", "import", NAME, str(tmp_path / "missing.pth"), "--out", str(tmp_path / "x.pth")])
         == 1
@@ -64,10 +66,10 @@ def test_bad_input_is_a_clear_error(caplog: pytest.LogCaptureFixture, tmp_path: 
 
 def test_import_then_export_round_trip(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model = models.create_segmentor(NAME, **{k: int(v) for k, v in (s.split("=") for s in TINY_SET)})
+    model = models.create_segmentor(NAME, preset="tiny")
     state = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in model.state_dict().items()}
     src = save_checkpoint_file({"meta": {"iter": 7}, "state_dict": state}, tmp_path / "official.pth")
-    sets = [arg for s in TINY_SET for arg in ("--set", s)]
+    sets = TINY_SET
     assert main(["checkpoint", "import", NAME, str(src), "--out", str(tmp_path / "ours.pth"), *sets]) == 0
     ours = load_checkpoint_file(tmp_path / "ours.pth")
     assert ours["config"] == NAME and ours["format"] == "vitadapter"
@@ -101,9 +103,9 @@ def test_import_refuses_a_checkpoint_of_another_model(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     torch.manual_seed(0)
-    model = models.create_segmentor(NAME, embed_dim=64, depth=4, num_heads=2, deform_num_heads=2, channels=32)
+    model = models.create_segmentor(NAME, {"conv_inplane": 64}, preset="tiny")
     src = save_checkpoint_file({"state_dict": model.state_dict()}, tmp_path / "other.pth")
-    sets = [arg for s in TINY_SET for arg in ("--set", s)]
+    sets = TINY_SET
     assert main(["checkpoint", "import", NAME, str(src), "--out", str(tmp_path / "ours.pth"), *sets]) == 1
     assert "does not match zoo entry" in caplog.text and "backbone.spm.stem.0.weight" in caplog.text
     assert not (tmp_path / "ours.pth").exists()
@@ -116,4 +118,4 @@ def test_console_script_help() -> None:
         text=True,
         check=True,
     )
-    assert "official ViT-Adapter checkpoint" in out.stdout and "--set KEY=VALUE" in out.stdout
+    assert "official ViT-Adapter checkpoint" in out.stdout and "--set PATH=VALUE" in out.stdout

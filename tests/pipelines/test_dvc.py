@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from micro_params import micro_params, write_params
-from pipelines.dvcgraph import render_dvc_yaml
-from pipelines.params import load_params
+from pipelines.config.params import load_params
+from pipelines.orchestration.dvcgraph import render_dvc_yaml
 
 BIN = Path(sys.executable).parent
 GIT_ID = {

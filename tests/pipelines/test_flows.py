@@ -26,7 +26,6 @@ import pytest
 import yaml
 
 import models
-from micro_params import TINY_M2F as SHARED_TINY_M2F
 from micro_params import micro_params, write_params
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,14 +33,13 @@ BIN = Path(sys.executable).parent
 SERVER_START_TIMEOUT_S = 120
 FLOW_RUN_TIMEOUT_S = 420
 
-# A Mask2Former small enough for seconds per step on CPU (the shared tiny model, fewer layers/queries/points).
+# A Mask2Former small enough for seconds per step on CPU (the tiny preset, fewer layers/queries/points).
 TINY_M2F = {
-    **SHARED_TINY_M2F,
-    "num_queries": 8,
-    "num_decoder_layers": 3,
-    "train_num_points": 64,
-    "lr": 0.0005,
-    "warmup_iters": 2,
+    "decode_head.num_queries": 8,
+    "decode_head.num_decoder_layers": 3,
+    "decode_head.train_num_points": 64,
+    "optimizer.lr": 0.0005,
+    "schedule.warmup_iters": 2,
 }
 
 
@@ -74,6 +72,7 @@ def _chain_file(root: Path) -> Path:
     runs = {
         "coco": {
             "config": "mask2former_beit_adapter_large_896_80k_cocostuff164k",
+            "preset": "tiny",
             "overrides": TINY_M2F,
             "init_from": "none",
             "gpus": 2,
@@ -82,6 +81,7 @@ def _chain_file(root: Path) -> Path:
         },
         "ade": {
             "config": "mask2former_beit_adapter_large_896_80k_ade20k",
+            "preset": "tiny",
             "overrides": TINY_M2F,
             "init_from": "coco",
             "train": train,
@@ -208,7 +208,7 @@ def test_experiment_command_runs_the_flow_end_to_end(harness: None, workdir: Pat
     assert training.data.tags["vitadapter.prefect_flow_run_id"] == flow_run_id
 
     # the whole graph on the same params: the stages reuse the shards and the finished run folder
-    from pipelines.flows import pipeline_flow
+    from pipelines.orchestration.flows import pipeline_flow
 
     state = pipeline_flow(params_file=str(params_file), return_state=True)
     assert state.is_completed(), state.message
@@ -222,7 +222,7 @@ def test_experiment_command_runs_the_flow_end_to_end(harness: None, workdir: Pat
 
 def test_failing_flows_end_failed_and_the_command_exits_non_zero(harness: None, workdir: Path) -> None:
     from pipelines.cli import main
-    from pipelines.flows import experiment_flow, two_stage_flow
+    from pipelines.orchestration.flows import experiment_flow, two_stage_flow
 
     params_file = str(_micro_file(workdir / "bad"))
     state = experiment_flow(run="no_such_run", params_file=params_file, return_state=True)
@@ -249,7 +249,7 @@ def test_torchrun_training_failures_are_retried(
     """A failed torchrun launch is retried twice by the train task, then the flow fails."""
     from prefect import flow
 
-    from pipelines.flows import train_task
+    from pipelines.orchestration.flows import train_task
 
     runs = micro_params()["runs"]
     runs["tiny"]["gpus"] = 2  # torchrun with 2 CPU processes
@@ -274,7 +274,7 @@ def test_torchrun_training_failures_are_retried(
 def test_task_results_are_persisted_and_reused_within_a_flow_run(harness: None, workdir: Path) -> None:
     from prefect import flow
 
-    from pipelines.flows import prepare_task
+    from pipelines.orchestration.flows import prepare_task
 
     params_file = str(_micro_file(workdir / "cache"))
 
@@ -295,8 +295,8 @@ def test_transient_failure_classification() -> None:
     import urllib.error
 
     from pipelines.engine.trainer import TrainingInterruptedError
-    from pipelines.flows import is_transient_download_failure, is_transient_training_failure
-    from pipelines.weights import WeightsNotFoundError
+    from pipelines.orchestration.flows import is_transient_download_failure, is_transient_training_failure
+    from pipelines.runs.weights import WeightsNotFoundError
 
     offline = WeightsNotFoundError("could not be downloaded")
     offline.__cause__ = urllib.error.URLError("temporary failure in name resolution")
@@ -313,7 +313,7 @@ def test_transient_failure_classification() -> None:
 
 
 def test_two_stage_flow_trains_stage_two_from_stage_one(harness: None, workdir: Path) -> None:
-    from pipelines.flows import two_stage_flow
+    from pipelines.orchestration.flows import two_stage_flow
 
     root = workdir / "chain"
     state = two_stage_flow(run="ade", params_file=str(_chain_file(root)), return_state=True)
@@ -367,9 +367,9 @@ def test_prefect_yaml_declares_the_deployments() -> None:
     spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
     entrypoints = {(d["entrypoint"], d["name"]): d for d in spec["deployments"]}
     for function in ("experiment_flow", "two_stage_flow", "pipeline_flow"):
-        local = entrypoints[(f"pipelines/flows.py:{function}", "local")]
+        local = entrypoints[(f"pipelines/orchestration/flows.py:{function}", "local")]
         assert local["work_pool"]["name"] == "vitadapter-local"
-        k8s = entrypoints[(f"pipelines/flows.py:{function}", "k8s")]
+        k8s = entrypoints[(f"pipelines/orchestration/flows.py:{function}", "k8s")]
         assert k8s["work_pool"]["job_variables"]["gpus"] >= 1
         assert "MLFLOW_TRACKING_URI" in k8s["work_pool"]["job_variables"]["env"]
         assert "set_working_directory" in str(k8s["pull"])

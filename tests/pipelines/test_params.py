@@ -10,8 +10,8 @@ import yaml
 import models
 from micro_params import MICRO, micro_params, write_params
 from pipelines.cli import main
-from pipelines.dvcgraph import build_dvc_graph, render_dvc_yaml
-from pipelines.params import ParamsError, load_params, parse_params
+from pipelines.config.params import ParamsError, load_params, parse_params
+from pipelines.orchestration.dvcgraph import build_dvc_graph, render_dvc_yaml
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -42,7 +42,31 @@ def test_micro_params_load() -> None:
         ),
         (
             {"runs": {"tiny": {**MICRO["runs"]["tiny"], "overrides": {"embed_dimm": 3}}}},
-            r"runs\.tiny\.overrides: unknown override 'embed_dimm'",
+            r"runs\.tiny\.overrides: override 'embed_dimm' of \w+: no such field",
+        ),
+        (
+            {"runs": {"tiny": {**MICRO["runs"]["tiny"], "overrides": {"mode": "sliding"}}}},
+            r"runs\.tiny\.overrides: override 'mode' .* is not a shorthand: write the full path \(data\.eval\.mode\)",
+        ),
+        (
+            {"runs": {"tiny": {**MICRO["runs"]["tiny"], "overrides": {"data.eval.mode": "sliding"}}}},
+            r"override data\.eval\.mode='sliding': allowed values are 'slide', 'whole'",
+        ),
+        (
+            {"runs": {"tiny": {**MICRO["runs"]["tiny"], "overrides": {"channels": 16}}}},
+            r"'channels' .* is ambiguous: write the full path \(decode_head\.channels, auxiliary_head\.channels\)",
+        ),
+        (
+            {"runs": {"tiny": {**MICRO["runs"]["tiny"], "preset": "huge"}}},
+            r"runs\.tiny\.overrides: unknown preset 'huge'; known presets: tiny",
+        ),
+        (
+            {"runs": {"tiny": {**MICRO["runs"]["tiny"], "train": {"max_iters": 0}}}},
+            r"runs\.tiny\.train\.max_iters: 0 is out of range \(at least 1; leave it unset for the recipe's\)",
+        ),
+        (
+            {"runs": {"tiny": {**MICRO["runs"]["tiny"], "train": {"batch_size": -2}}}},
+            r"runs\.tiny\.train\.batch_size: -2 is out of range",
         ),
         ({"datasets": {"cityscapes": {}}}, r"datasets\.cityscapes: unknown dataset"),
         ({"datasets": {"ade20k": {"source": "raw"}}}, r"source 'raw' needs raw"),
@@ -98,8 +122,7 @@ def test_committed_params_dvc_yaml_and_zoo_agree() -> None:
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     assert (REPO / "dvc.yaml").read_text() == render_dvc_yaml(params, raw=raw)
     for name, run in params.runs.items():
-        config = models.get_config(run.config, **run.overrides)
-        assert config.data.dataset in params.datasets, name
+        assert run.model_config().data.dataset in params.datasets, name
     dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     assert {f"train_{n}" for n in params.runs} <= set(dvc)
     assert {f"prepare_{d}" for d in params.datasets} <= set(dvc)
@@ -111,6 +134,8 @@ README_ROW_SETTINGS = {
     "datasets.coco_stuff164k.raw": "/data/coco_stuff164k",
     "datasets.ade20k.source": "raw",
     "datasets.ade20k.raw": "/data/ade",
+    "runs.coco_stage.preset": "null",
+    "runs.ade_stage.preset": "null",
     "runs.coco_stage.overrides": "{}",
     "runs.ade_stage.overrides": "{}",
     "runs.coco_stage.train": "{pretrained: auto, num_workers: 4}",
@@ -136,7 +161,7 @@ def test_readme_row_reproduction_gives_the_published_recipe() -> None:
             node = node[part]
         node[leaf] = yaml.safe_load(value)
     params = parse_params(raw)
-    from pipelines.engine.trainer import TrainSettings, plan_batch
+    from pipelines.engine.plan import resolve_plan
 
     for name, zoo_name in (
         ("coco_stage", "mask2former_beit_adapter_large_896_80k_cocostuff164k"),
@@ -144,16 +169,12 @@ def test_readme_row_reproduction_gives_the_published_recipe() -> None:
     ):
         run = params.run(name)
         assert run.config == zoo_name
-        assert models.get_config(run.config, **run.overrides) == models.get_config(
-            zoo_name
-        )  # the published recipe
-        config = models.get_config(zoo_name)
-        settings = TrainSettings(work_dir=Path("unused"))
-        assert plan_batch(config, settings, world_size=run.gpus * run.nodes) == (
-            1,
-            1,
-            16,
-        )  # 16 GPUs x 1 image
+        assert run.model_config() == models.get_config(zoo_name)  # the published recipe
+        plan = resolve_plan(
+            run.model_config(), run.train, world_size=run.gpus * run.nodes, work_dir=Path("unused")
+        )
+        assert (plan.batch.per_process, plan.batch.accumulation, plan.batch.global_batch) == (1, 1, 16)
+        assert plan.max_iters == 80_000 and plan.optimizer == models.get_config(zoo_name).optimizer
         assert run.train.pretrained == "auto" and run.train.max_iters is None  # the recipe's 80k iterations
     assert params.run("ade_stage").init_from == "coco_stage"
     assert params.run_order() == ["coco_stage", "ade_stage"]

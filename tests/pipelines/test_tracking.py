@@ -31,17 +31,18 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 
 import models
-from pipelines.params import RunParams, Tracking, TrainParams
-from pipelines.tracking import (
+from pipelines.config.knobs import TrainParams
+from pipelines.config.params import RunParams, Tracking
+from pipelines.reporting.records import (
     CLIPPED,
     FALLBACK_DB,
     MAX_PARAM_VALUE,
     PARENT_TAG,
-    Tracker,
     TrainingCallback,
     flatten_params,
     reference_rows,
 )
+from pipelines.reporting.tracking import Tracker
 
 NAME = "upernet_deit_adapter_tiny_512_160k_ade20k"
 EXPERIMENT, REFERENCE = "vitadapter-test", "vitadapter-test-reference"
@@ -54,21 +55,28 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, subprocess.Popen]]:
-    """A real ``mlflow server`` (sqlite backend, artifacts in tmp), started before the module's tests."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
+def _start_server(root: Path, port: int, log_file) -> subprocess.Popen:
+    """``mlflow server`` on loopback over the store in ``root`` (its own process session)."""
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     command = [
         sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
         "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
         "--artifacts-destination", str(root / "artifacts"), "--workers", "1",
     ]  # fmt: skip
-    log_file = (root / "server.log").open("w")
     process = subprocess.Popen(
         command, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True
     )
+    process.root = root  # type: ignore[attr-defined]  # for the test that restarts the server
+    return process
+
+
+@pytest.fixture(scope="module", autouse=True)
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, subprocess.Popen]]:
+    """A real ``mlflow server`` (sqlite backend, artifacts in tmp), started before the module's tests."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    log_file = (root / "server.log").open("w")
+    process = _start_server(root, port, log_file)
     yield f"http://127.0.0.1:{port}", process
     with contextlib.suppress(ProcessLookupError):  # its own session: the server and its workers
         os.killpg(process.pid, signal.SIGTERM)
@@ -376,7 +384,7 @@ def test_dead_server_falls_back_to_a_local_store(
         uri=uri, experiment=EXPERIMENT, reference_experiment=REFERENCE, timeout_s=3, max_retries=1
     )
     fallback = tmp_path / "fallback"
-    caplog.set_level(logging.WARNING, logger="pipelines.tracking")
+    caplog.set_level(logging.WARNING, logger="pipelines.reporting.tracking")
     start = time.perf_counter()
     tracker = Tracker(settings, fallback_dir=fallback)
     _train(tracker, "offline")
@@ -489,3 +497,32 @@ def test_server_dying_mid_run_continues_in_the_fallback_store(
     assert run.data.metrics["val/mIoU"] == 5.0 and run.data.params["run.train.max_iters"] == "4"
     assert run.data.tags["vitadapter.dvc_stage"] == "train@interrupted"
     assert run.info.status == "FINISHED" and "training_curve.png" in _artifacts(client, run.info.run_id)
+    server_run = run.data.tags["vitadapter.failed_over_from"].rpartition("#")[2]
+    assert any(
+        server_run in r.getMessage() and "vitadapter tracking sync" in r.getMessage() for r in caplog.records
+    )
+
+    # the server comes back: `vitadapter tracking sync` copies the fallback records and marks the server's copy
+    port = _free_port()
+    with (process.root / "server2.log").open("w") as log_file:
+        restarted = _start_server(process.root, port, log_file)
+        try:
+            server = _wait_healthy(f"http://127.0.0.1:{port}", restarted)
+            from pipelines.cli import main
+
+            sync = ["tracking", "sync", "--from", tracker.uri, "--to", server]
+            assert main(sync) == 0
+            on_server = MlflowClient(server)
+            assert on_server.get_run(server_run).info.status == "FAILED"
+            copied_id = on_server.get_run(server_run).data.tags["vitadapter.failed_over_to"]
+            copied = on_server.get_run(copied_id)
+            assert [m.step for m in on_server.get_metric_history(copied_id, "train/loss")] == [2, 3]
+            assert copied.data.params["run.train.max_iters"] == "4" and copied.info.status == "FINISHED"
+            assert "training_curve.png" in _artifacts(on_server, copied_id)
+            before = len(on_server.search_runs([on_server.get_experiment_by_name(EXPERIMENT).experiment_id]))
+            assert main(sync) == 0  # idempotent
+            after = len(on_server.search_runs([on_server.get_experiment_by_name(EXPERIMENT).experiment_id]))
+            assert after == before
+        finally:
+            os.killpg(restarted.pid, signal.SIGTERM)
+            restarted.wait(timeout=30)

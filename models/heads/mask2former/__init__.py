@@ -1,5 +1,5 @@
 """Mask2Former head (pixel decoder, masked-attention decoder, criterion, semantic inference),
-following ViT-Adapter's ``mmseg_custom`` Mask2Former (pitfalls.md section 4, recipes.md 2.4-2.5)."""
+following ViT-Adapter's ``mmseg_custom`` Mask2Former (docs/reference.md §P4, docs/reference.md §R2.4-R2.5)."""
 
 from models.heads.mask2former.criterion import Mask2FormerCriterion, semantic_targets
 from models.heads.mask2former.head import Mask2FormerHead

@@ -1,4 +1,4 @@
-"""Mask2Former training losses (ViT-Adapter's ``Mask2FormerHead.loss``), recipes.md 2.4.
+"""Mask2Former training losses (ViT-Adapter's ``Mask2FormerHead.loss``), docs/reference.md §R2.4.
 
 * Targets (the reference's ``ToMask``): per image, one binary mask per class present in the label
   map, ignore pixels (255) excluded (they belong to no mask).
@@ -13,8 +13,13 @@
     ``num_masks``; x 5.0.
 
   ``num_masks`` is the number of matched masks of the batch averaged over the processes
-  (``torch.distributed`` all-reduce when initialised), at least 1. When nothing is matched the mask
-  terms are 0 (kept in the graph).
+  (``torch.distributed`` all-reduce when initialised), at least 1, so that the gradient averaged over
+  the processes is (sum of the mask terms) / (masks of the global batch). The count follows from the
+  labels alone (:meth:`Mask2FormerCriterion.count_masks`), so a trainer accumulating gradients over
+  micro-batches passes the mean count of all micro-batches of the step (``num_masks=``) and one process
+  with accumulation equals several processes. When nothing is matched the mask terms are 0 (kept in the
+  graph).
+* float64 predictions keep float64 (rounding checks); anything else is computed in float32.
 * Names as the reference logs them: the last stage ``loss_cls``/``loss_mask``/``loss_dice``, the
   earlier ones ``d0.loss_cls`` ... ``d8.loss_dice``.
 """
@@ -94,6 +99,7 @@ class Mask2FormerCriterion:
         self, *, num_classes: int, config: Mask2FormerConfig, ignore_index: int = IGNORE_INDEX
     ) -> None:
         self.num_classes = num_classes
+        self.num_queries = config.num_queries
         self.ignore_index = ignore_index
         self.cls_weight = config.cls_loss_weight
         self.mask_weight = config.mask_loss_weight
@@ -130,7 +136,8 @@ class Mask2FormerCriterion:
             targets: per image (classes (G,), float masks (G, H, W)), see :func:`semantic_targets`.
             num_masks: scalar normaliser of the mask terms (already averaged and clamped).
         """
-        cls_pred, mask_pred = cls_pred.float(), mask_pred.float()
+        dtype = torch.float64 if cls_pred.dtype == torch.float64 else torch.float32
+        cls_pred, mask_pred = cls_pred.to(dtype), mask_pred.to(dtype)
         batch, queries = cls_pred.shape[:2]
         class_targets = torch.full(
             (batch, queries), self.num_classes, dtype=torch.int64, device=cls_pred.device
@@ -144,7 +151,9 @@ class Mask2FormerCriterion:
         # weighted mean = sum(w[t] * ce) / sum(w[t]), the reference's avg_factor
         # (B, Q, K + 1) -> (B*Q, K + 1) and (B, Q) -> (B*Q,)
         loss_cls = F.cross_entropy(
-            cls_pred.flatten(0, 1), class_targets.flatten(), weight=self.class_weights(cls_pred.device)
+            cls_pred.flatten(0, 1),
+            class_targets.flatten(),
+            weight=self.class_weights(cls_pred.device).to(dtype),
         )
         preds = torch.cat(matched_preds)  # (N, h, w)
         if preds.shape[0] == 0:
@@ -162,7 +171,7 @@ class Mask2FormerCriterion:
             importance_sample_ratio=self.importance_sample_ratio,
         )  # (N, P, 2)
         with torch.no_grad():
-            point_targets = point_sample(masks.unsqueeze(1), points)[:, 0]  # (N, P)
+            point_targets = point_sample(masks.unsqueeze(1), points)[:, 0].to(dtype)  # (N, P)
         point_preds = point_sample(preds.unsqueeze(1), points)[:, 0]  # (N, P)
         loss_dice = dice_loss(point_preds, point_targets).sum() / num_masks
         loss_mask = F.binary_cross_entropy_with_logits(point_preds, point_targets, reduction="sum") / (
@@ -174,8 +183,28 @@ class Mask2FormerCriterion:
             "loss_dice": self.dice_weight * loss_dice,
         }
 
+    def count_masks(self, labels: torch.Tensor) -> int:
+        """The masks the matcher matches in ``labels``, known before the forward.
+
+        Per image min(``num_queries``, classes present other than ``ignore_index``): the reference's
+        ``ToMask`` makes one target per such class and the Hungarian assignment matches min(Q, G) of them.
+
+        Args:
+            labels: (B, H, W) int64 label maps.
+        """
+        total = 0
+        for label_map in labels:
+            classes = torch.unique(label_map)
+            total += min(self.num_queries, int((classes != self.ignore_index).sum()))
+        return total
+
     def __call__(
-        self, cls_preds: Sequence[torch.Tensor], mask_preds: Sequence[torch.Tensor], labels: torch.Tensor
+        self,
+        cls_preds: Sequence[torch.Tensor],
+        mask_preds: Sequence[torch.Tensor],
+        labels: torch.Tensor,
+        *,
+        num_masks: float | torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """All weighted loss terms.
 
@@ -183,6 +212,9 @@ class Mask2FormerCriterion:
             cls_preds: per stage (B, Q, K + 1) class logits, stage 0 first.
             mask_preds: per stage (B, Q, h, w) mask logits.
             labels: (B, H, W) int64 label maps.
+            num_masks: the normaliser of the mask terms: the mean over the processes and accumulation
+                micro-batches of the step of :meth:`count_masks` (clamped to at least 1 here). None: this
+                batch's count averaged over the processes (the reference without accumulation).
 
         Returns:
             ``loss_cls``, ``loss_mask``, ``loss_dice`` (last stage) and ``d{i}.loss_*`` for the
@@ -195,12 +227,13 @@ class Mask2FormerCriterion:
                 labels, num_classes=self.num_classes, ignore_index=self.ignore_index
             )
         ]
-        queries = cls_preds[0].shape[1]
-        # every target is matched while there are enough queries: the count is the same at every stage
-        matched = sum(min(queries, gt_labels.numel()) for gt_labels, _ in targets)
-        num_masks = average_across_processes(torch.tensor(float(matched), device=cls_preds[0].device)).clamp(
-            min=1.0
-        )
+        device = cls_preds[0].device
+        if num_masks is None:
+            queries = cls_preds[0].shape[1]
+            # every target is matched while there are enough queries: the count is the same at every stage
+            matched = sum(min(queries, gt_labels.numel()) for gt_labels, _ in targets)
+            num_masks = average_across_processes(torch.tensor(float(matched), device=device))
+        num_masks = torch.as_tensor(num_masks, dtype=torch.float32, device=device).clamp(min=1.0)
         losses: dict[str, torch.Tensor] = {}
         last = len(cls_preds) - 1
         for stage, (cls_pred, mask_pred) in enumerate(zip(cls_preds, mask_preds, strict=True)):

@@ -1,4 +1,4 @@
-"""The feed-forward block of Mask2Former's transformer layers (mmcv 1.x ``FFN``), pitfalls.md section 4.
+"""The feed-forward block of Mask2Former's transformer layers (mmcv 1.x ``FFN``), docs/reference.md §P4.
 
 ``Linear(C, F) -> ReLU -> Linear(F, C)`` plus the identity (the residual lives inside, as in mmcv);
 dropout is 0 in every reference config and omitted. Parameter names ``layers.0.0`` / ``layers.1``

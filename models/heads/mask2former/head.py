@@ -1,6 +1,6 @@
 """The Mask2Former decode head (Cheng et al., "Masked-attention Mask Transformer for Universal Image
 Segmentation", CVPR 2022) as ViT-Adapter's ``mmseg_custom`` ``Mask2FormerHead`` builds it
-(mmdet 2.x semantics), pitfalls.md section 4.
+(mmdet 2.x semantics), docs/reference.md §P4.
 
 Forward:
 
@@ -36,7 +36,6 @@ from models.heads.mask2former.transformer_decoder import MaskedAttentionDecoder
 
 # attention masks block keys where the resized mask probability is below this
 ATTN_MASK_THRESHOLD = 0.5
-MASK_EMBED_LAYERS = 3
 
 
 class Mask2FormerHead(nn.Module):

@@ -1,5 +1,5 @@
-"""Mask2Former semantic inference (ViT-Adapter's ``Mask2FormerHead.forward_test``), pitfalls.md
-section 4 and recipes.md 2.5.
+"""Mask2Former semantic inference (ViT-Adapter's ``Mask2FormerHead.forward_test``),
+docs/reference.md §P4 and docs/reference.md §R2.5.
 
 Only the last stage is used: ``softmax(cls)[..., :-1]`` (the no-object column dropped after the
 softmax) times ``sigmoid(mask)``, summed over queries, at the mask resolution (1/4). These scores

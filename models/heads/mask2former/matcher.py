@@ -1,6 +1,6 @@
 """Hungarian matching of Mask2Former queries to ground-truth masks (ViT-Adapter's
 ``MaskHungarianAssigner`` with ``ClassificationCost``, ``CrossEntropyLossCost`` and ``DiceCost``),
-recipes.md 2.4.
+docs/reference.md §R2.4.
 
 Per image and per stage, the costs are computed at ``num_points`` (12544) points drawn uniformly
 at random, the same points for every query and every target:

@@ -1,5 +1,5 @@
 """Mask2Former's multi-scale deformable-attention pixel decoder (mmdet 2.x
-``MSDeformAttnPixelDecoder`` as built by the ViT-Adapter configs), pitfalls.md section 4.
+``MSDeformAttnPixelDecoder`` as built by the ViT-Adapter configs), docs/reference.md §P4.
 
 * The three coarsest backbone maps go through ``input_convs`` in the order **1/32, 1/16, 1/8**
   (coarse first): 1x1 conv with bias + GroupNorm(32), no activation.

@@ -1,5 +1,5 @@
 """Point sampling of Mask2Former's matcher and losses (mmcv ``point_sample`` and mmdet
-``get_uncertain_point_coords_with_randomness``), recipes.md 2.4.
+``get_uncertain_point_coords_with_randomness``), docs/reference.md §R2.4.
 
 Points are (x, y) in [0, 1] of the whole map; values are read with bilinear ``grid_sample``
 (``align_corners=False``, zero padding), so a binary target mask sampled at a point on a class

@@ -1,4 +1,4 @@
-"""Sine positional encoding of Mask2Former (mmdet 2.x ``SinePositionalEncoding``), pitfalls.md section 4.
+"""Sine positional encoding of Mask2Former (mmdet 2.x ``SinePositionalEncoding``), docs/reference.md §P4.
 
 ``normalize=True``, scale 2π, eps 1e-6, temperature 10000, offset 0, no padding mask (every position
 valid): the row and column indices 1..H and 1..W are scaled to (0, 2π], divided by

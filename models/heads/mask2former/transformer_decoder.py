@@ -1,5 +1,5 @@
 """Mask2Former's masked-attention transformer decoder layers (mmcv 1.x ``DetrTransformerDecoderLayer``
-with ``MultiheadAttention``, as the ViT-Adapter configs build them), pitfalls.md section 4.
+with ``MultiheadAttention``, as the ViT-Adapter configs build them), docs/reference.md §P4.
 
 Each layer is post-norm ``cross_attn, norm, self_attn, norm, ffn, norm`` (LayerNorm eps 1e-5):
 

@@ -17,11 +17,12 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from pipelines.engine.checkpoints import write_text_atomic
+from data.atomic import write_text_atomic
+from pipelines.config.params import DEFAULT_PATHS
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TEMPLATE = Path("artifacts/plots/offline_template.html")
+DEFAULT_TEMPLATE = Path(DEFAULT_PATHS.plots) / "offline_template.html"
 # package -> the file of its npm tarball that the browser loads
 BUILD_FILES = {
     "vega": "package/build/vega.min.js",

@@ -1,12 +1,12 @@
 """Prefect 3 flows over the pipeline's stages: one experiment, the two-stage chain, the whole graph.
 
-The stages (:mod:`pipelines.stages`) are the ones ``dvc repro`` runs; here each becomes a task with
+The stages (:mod:`pipelines.orchestration.stages`) are the ones ``dvc repro`` runs; here each becomes a task with
 retries on transient failures (a weight download, a ``torchrun`` launch) and a persisted JSON result,
 and each flow ends with a markdown and a table artifact comparing ours with the published numbers.
 This is the only module of the project that imports prefect (``vitadapter flow run ...`` calls it;
 ``prefect.yaml`` deploys it).
 
-Tasks take the params file's path and names, never the :class:`~pipelines.params.Params` object, so
+Tasks take the params file's path and names, never the :class:`~pipelines.config.params.Params` object, so
 their inputs travel through a deployment's parameters and their cache keys stay plain: the task,
 the flow run, the params file's content and the names. A retried flow run (same flow-run id) reuses
 the results of the tasks that already completed; a new flow run recomputes, and the stages themselves
@@ -24,6 +24,7 @@ import os
 import re
 import subprocess
 import urllib.error
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +34,12 @@ from prefect.context import TaskRunContext
 from prefect.runtime import flow_run
 from prefect.states import State
 
-from pipelines import stages
-from pipelines.params import Params, ParamsError, load_params
-from pipelines.weights import WeightsNotFoundError
+from pipelines.config.params import DEFAULT_PATHS, Params, ParamsError, load_params
+from pipelines.orchestration import stages
+from pipelines.runs.folder import signature_of
+from pipelines.runs.weights import WeightsNotFoundError
 
-DEFAULT_RESULTS_DIR = "artifacts/prefect/results"
+DEFAULT_RESULTS_DIR = DEFAULT_PATHS.prefect_results
 RESULTS_DIR_ENVS = ("PREFECT_RESULTS_LOCAL_STORAGE_PATH", "PREFECT_LOCAL_STORAGE_PATH")
 RESULT_SERIALIZER = "json"
 
@@ -65,19 +67,39 @@ def params_digest(params_file: str | os.PathLike[str]) -> str:
     return hashlib.sha256(path.read_bytes() if path.is_file() else b"").hexdigest()
 
 
+def stage_fingerprint(stage: str, parameters: dict[str, Any]) -> str:
+    """What a stage task's result depends on: for ``train`` the run's training definition, for ``evaluate``
+    that plus the run's ``eval`` settings and the mode (so an evaluation setting never invalidates a
+    training task), for the other stages the params file's content."""
+    params_file = parameters["params_file"]
+    run = parameters.get("run")
+    if stage in ("train", "evaluate") and run is not None and Path(params_file).is_file():
+        params = load_params(params_file)
+        fingerprint: dict[str, Any] = {
+            "train": params.training_definition(run),
+            "paths": asdict(params.paths),
+        }
+        if stage == "evaluate":
+            fingerprint["eval"] = asdict(params.run(run).eval)
+            fingerprint["mode"] = parameters.get("mode")
+        return signature_of(fingerprint)
+    return params_digest(params_file)
+
+
 def stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    """The cache key of a stage task: task, flow run, params file content and the other arguments.
+    """The cache key of a stage task: task, flow run, and what the stage depends on.
 
     Args:
         context: the task run's context (gives the task's name and its flow run).
-        parameters: the task's arguments; ``params_file`` is hashed by content.
+        parameters: the task's arguments (``params_file`` and the names).
 
     Returns:
-        A key that changes when the flow run, the params file or any other argument changes.
+        A key that changes when the flow run, the stage's fingerprint (:func:`stage_fingerprint`) or any
+        other argument changes.
     """
     others = {name: value for name, value in parameters.items() if name != "params_file"}
     digest = hashlib.sha256()
-    digest.update(params_digest(parameters["params_file"]).encode())
+    digest.update(stage_fingerprint(context.task.name, parameters).encode())
     digest.update(json.dumps(others, sort_keys=True, default=str).encode())
     return f"{context.task.name}-{context.task_run.flow_run_id}-{digest.hexdigest()[:32]}"
 
@@ -128,15 +150,6 @@ _FLOW_RESULTS: dict[str, Any] = {
     "result_serializer": RESULT_SERIALIZER,
 }
 _PERSISTED: dict[str, Any] = {**_FLOW_RESULTS, "cache_key_fn": stage_cache_key}
-
-
-def chain_of(params: Params, run: str) -> list[str]:
-    """The runs that ``run`` starts from, first to last, ending with ``run``."""
-    chain = [run]
-    params.run(run)
-    while params.runs[chain[0]].init_from in params.runs:
-        chain.insert(0, params.runs[chain[0]].init_from)
-    return chain
 
 
 @task(name="prepare", task_run_name="prepare-{dataset}", **_PERSISTED)
@@ -254,7 +267,7 @@ def experiment_flow(run: str, params_file: str = "params.yaml") -> list[dict[str
     params = load_params(params_file)
     spec = params.run(run)
     prepare_task(params_file, spec.dataset)
-    weights_task(params_file, chain_of(params, run))
+    weights_task(params_file, params.chain_of(run))
     _train_and_evaluate(params, params_file, run)
     return compare_task(params_file, [run], artifact_key("experiment", run))
 
@@ -278,7 +291,7 @@ def two_stage_flow(run: str, params_file: str = "params.yaml") -> list[dict[str,
     """
     _export_flow_run_id()
     params = load_params(params_file)
-    chain = chain_of(params, run)
+    chain = params.chain_of(run)
     if len(chain) < 2:
         raise ParamsError(
             f"run {run!r} does not start from another run (init_from: {params.run(run).init_from!r}): "

@@ -1,15 +1,17 @@
-"""One training run of a zoo entry: the one place where config, data, weights and trainer meet.
+"""One training run of a zoo entry: the one place where config, data, weights, plan and trainer meet.
 
-``run_training`` builds the segmentor from the zoo (plus overrides), loads the pretrained trunk
-(recipes.md 2.2) and, for the strategy-2 rows, the COCO-Stuff stage checkpoint with the
-class-specific layer left at its fresh initialisation, opens the prepared shards, and trains with
-:class:`pipelines.engine.trainer.Trainer`, evaluating single-scale on the validation split. Rerunning
-the same call resumes from the run folder's latest checkpoint. Launch it under ``torchrun`` for
-several GPUs or nodes.
+``run_training`` builds the segmentor from the zoo (preset and overrides applied), loads the pretrained
+trunk (docs/reference.md §R2.2) or, for the strategy-2 rows, the COCO-Stuff stage checkpoint with the
+class-specific layer left at its fresh initialisation, resolves the plan (:mod:`pipelines.engine.plan`),
+opens the prepared shards, and trains with :class:`pipelines.engine.trainer.Trainer`, evaluating
+single-scale on the validation split through :func:`pipelines.runs.evaluation.evaluate_model`.
+Rerunning the same call resumes from the run folder's latest checkpoint. Launch it under ``torchrun``
+for several GPUs or nodes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,19 +22,22 @@ import torch
 from torch import nn
 
 import models
+from data.atomic import write_json_atomic
 from models.checkpoint import LoadReport, load_checkpoint_file, load_stage_checkpoint
 from models.config import SegmentorConfig
 from models.pretrained import load_pretrained_trunk
+from pipelines.config.knobs import TrainParams
+from pipelines.config.params import DEFAULT_PATHS
+from pipelines.config.specs import train_pipeline
 from pipelines.engine.distributed import DevicePreference, DistInfo, init_distributed
-from pipelines.engine.evaluator import InferenceSettings, evaluate
-from pipelines.engine.trainer import Callback, Trainer, TrainResult, TrainSettings
-from pipelines.runs import DEFAULT_RUNS_DIR, class_names, eval_items, write_json
-from pipelines.specs import test_pipeline, train_pipeline
-from pipelines.weights import DEFAULT_WEIGHTS_DIR, resolve_weights
+from pipelines.engine.plan import TrainPlan, resolve_plan
+from pipelines.engine.trainer import Callback, Trainer, TrainResult
+from pipelines.runs import evaluation
+from pipelines.runs.folder import CONFIG_FILE, KEY_REPORT, RunFolder
+from pipelines.runs.inputs import check_shards_match
+from pipelines.runs.weights import resolve_weights
 
 log = logging.getLogger(__name__)
-
-KEY_REPORT = "key_report.json"
 
 
 @dataclass(frozen=True)
@@ -42,10 +47,9 @@ class RunSpec:
     Attributes:
         name: zoo entry.
         data: prepared shard folder of the entry's dataset.
-        overrides: zoo overrides (architecture or recipe).
-        settings: run-level knobs (work dir, iterations, batch, precision, ...).
-        pretrained: ``"auto"`` (the recipe's file from ``weights_dir``, downloaded if possible),
-            ``"none"`` (train the trunk from its initialisation) or a file path.
+        work_dir: the run folder (rerunning with the same folder resumes).
+        knobs: the run-level knobs (iterations, batch, precision, ...).
+        overrides: zoo overrides by full path (:func:`models.zoo.resolved_overrides`), recorded in checkpoints.
         init_from: strategy-2 stage checkpoint: ``"auto"`` (for entries with a stage 1: the stage run's
             best checkpoint under ``runs_dir``, else the released file in ``weights_dir``), ``"none"``, or
             a file path (any entry: the run starts from that checkpoint, class layers re-initialised
@@ -53,31 +57,28 @@ class RunSpec:
         weights_dir: folder of pretrained and released files.
         runs_dir: folder of run folders (for ``init_from="auto"``).
         device: ``auto``, ``cpu`` or ``cuda``.
-        num_workers: data-loader processes per rank.
-        eval_limit: evaluate on the first N validation images only (quick runs).
         eval_batch_windows: sliding windows per forward at evaluation.
+        progress: a progress bar on rank 0.
     """
 
     name: str
     data: Path
-    settings: TrainSettings
+    work_dir: Path
+    knobs: TrainParams = field(default_factory=TrainParams)
     overrides: dict[str, Any] = field(default_factory=dict)
-    pretrained: str = "auto"
     init_from: str = "auto"
-    weights_dir: Path = DEFAULT_WEIGHTS_DIR
-    runs_dir: Path = DEFAULT_RUNS_DIR
+    weights_dir: Path = Path(DEFAULT_PATHS.weights)
+    runs_dir: Path = Path(DEFAULT_PATHS.runs)
     device: DevicePreference = "auto"
-    num_workers: int = 2
-    eval_limit: int | None = None
     eval_batch_windows: int = 4
+    progress: bool = True
 
-
-def default_work_dir(name: str, runs_dir: Path = DEFAULT_RUNS_DIR) -> Path:
-    return runs_dir / name
+    def config(self) -> SegmentorConfig:
+        return models.get_config(self.name, self.overrides)
 
 
 def _load_pretrained(model: nn.Module, config: SegmentorConfig, spec: RunSpec) -> dict[str, Any] | None:
-    if spec.pretrained == "none":
+    if spec.knobs.pretrained == "none":
         log.warning(
             "no pretrained trunk: %s starts from its initialisation (not the reference recipe)", config.name
         )
@@ -87,7 +88,7 @@ def _load_pretrained(model: nn.Module, config: SegmentorConfig, spec: RunSpec) -
         recipe.file,
         recipe.url,
         weights_dir=spec.weights_dir,
-        path=None if spec.pretrained == "auto" else spec.pretrained,
+        path=None if spec.knobs.pretrained == "auto" else spec.knobs.pretrained,
     )
     report, resized = load_pretrained_trunk(
         model.backbone, load_checkpoint_file(path), config.backbone.trunk.kind, source=str(path)
@@ -102,32 +103,29 @@ def stage_checkpoint_path(config: SegmentorConfig, spec: RunSpec) -> Path | None
         return Path(spec.init_from)  # an explicit checkpoint, also for entries without a stage 1
     if recipe.init_from is None or spec.init_from == "none":
         return None
-    candidates = [spec.runs_dir / recipe.init_from / "best_mIoU.pth"]
-    latest = spec.runs_dir / recipe.init_from
-    if latest.is_dir():
-        candidates += sorted(latest.glob("iter_*.pth"), reverse=True)
-    if recipe.init_from_file:
-        candidates.append(spec.weights_dir / recipe.init_from_file)
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
+    stage = RunFolder(spec.runs_dir / recipe.init_from)
+    found = stage.best_checkpoint() or stage.latest_checkpoint()
+    if found is not None:
+        return found
+    if recipe.init_from_file and (spec.weights_dir / recipe.init_from_file).is_file():
+        return spec.weights_dir / recipe.init_from_file
     raise FileNotFoundError(
-        f"{config.name} starts from the {recipe.init_from} stage (recipes.md 2.2): train that stage first "
-        f"(its run folder {spec.runs_dir / recipe.init_from}) or download {recipe.init_from_url} (unzip it) "
+        f"{config.name} starts from the {recipe.init_from} stage (docs/reference.md §R2.2): train that stage "
+        f"first (its run folder {stage.path}) or download {recipe.init_from_url} (unzip it) "
         f"to {spec.weights_dir / (recipe.init_from_file or '')}; or pass init_from='none'"
     )
 
 
 def load_stage(model: nn.Module, path: Path) -> LoadReport:
-    """Strategy-2 hand-off (recipes.md 2.2): every tensor whose name and shape match is copied; the
-    class-specific layers (shapes differ) get PyTorch's default initialisation; optimizer state and
+    """Strategy-2 hand-off (docs/reference.md §R2.2): every tensor whose name and shape match is copied;
+    the class-specific layers (shapes differ) get PyTorch's default initialisation; optimizer state and
     iteration are not carried (the new run starts its schedule at 0)."""
     return load_stage_checkpoint(model, load_checkpoint_file(path), source=str(path))
 
 
 def build_model(spec: RunSpec, config: SegmentorConfig) -> tuple[nn.Module, dict[str, Any]]:
     """The initialised model and the key report of what was loaded into it."""
-    torch.manual_seed(spec.settings.seed)
+    torch.manual_seed(spec.knobs.seed)
     model = models.build_segmentor(config)
     keys: dict[str, Any] = {"config": config.name, "overrides": spec.overrides}
     stage = stage_checkpoint_path(config, spec)
@@ -140,16 +138,33 @@ def build_model(spec: RunSpec, config: SegmentorConfig) -> tuple[nn.Module, dict
     return model, keys
 
 
+def plan_for(spec: RunSpec, config: SegmentorConfig, world_size: int) -> TrainPlan:
+    """The resolved plan of ``spec`` on ``world_size`` processes."""
+    return resolve_plan(
+        config, spec.knobs, world_size=world_size, work_dir=spec.work_dir, progress=spec.progress
+    )
+
+
 def run_training(spec: RunSpec, *, callbacks: list[Callback] | None = None) -> TrainResult:
     """Train ``spec.name`` on ``spec.data``; resumes when the work dir already holds a checkpoint."""
     dist_info: DistInfo = init_distributed(spec.device)
-    config = models.get_config(spec.name, **spec.overrides)
-    work_dir = spec.settings.work_dir
-    work_dir.mkdir(parents=True, exist_ok=True)
+    folder = RunFolder(spec.work_dir)
+    # one writer per run folder: rank 0 holds the lock for the run's lifetime (the other ranks write nothing)
+    with folder.exclusive() if dist_info.is_main else contextlib.nullcontext():
+        if dist_info.is_main:
+            folder.remove_orphaned_temporaries()
+        return _train(spec, dist_info, callbacks)
+
+
+def _train(spec: RunSpec, dist_info: DistInfo, callbacks: list[Callback] | None) -> TrainResult:
+    config = spec.config()
+    check_shards_match(config, spec.data)  # another dataset's shards are an error, before anything is written
+    spec.work_dir.mkdir(parents=True, exist_ok=True)
     model, keys = build_model(spec, config)
     if dist_info.is_main:
-        write_json(work_dir / KEY_REPORT, keys)
-        write_json(work_dir / "config.json", config.to_dict())
+        write_json_atomic(spec.work_dir / KEY_REPORT, keys)
+        write_json_atomic(spec.work_dir / CONFIG_FILE, config.to_dict())
+    plan = plan_for(spec, config, dist_info.world_size)
 
     from data.loaders import build_train_loader
 
@@ -160,41 +175,33 @@ def run_training(spec: RunSpec, *, callbacks: list[Callback] | None = None) -> T
             spec.data,
             pipeline,
             batch_size=batch_size,
-            seed=spec.settings.seed,
+            seed=spec.knobs.seed,
             rank=dist_info.rank,
             world_size=dist_info.world_size,
-            num_workers=spec.num_workers,
+            num_workers=spec.knobs.num_workers,
             start_step=start_step,
             micro_batches=micro_batches,
             pin_memory=dist_info.device.type == "cuda",
         )
         return iter(loader)
 
-    eval_pipeline = test_pipeline(config, "ss")
-    inference = InferenceSettings.from_config(config, batch_windows=spec.eval_batch_windows)
-    names = class_names(config)
-
     def run_eval(net: nn.Module) -> dict[str, Any]:
-        source = eval_items(
-            config, spec.data, rank=dist_info.rank, world_size=dist_info.world_size, limit=spec.eval_limit
-        )
-        return evaluate(
+        result = evaluation.evaluate_model(
             net,
-            source.items,
-            eval_pipeline,
-            inference,
-            num_classes=config.num_classes,
-            device=dist_info.device,
-            class_names=names,
-            total=source.total,
-            progress=spec.settings.progress and dist_info.is_main,
-            distributed=dist_info.distributed,
+            config,
+            spec.data,
+            mode="ss",
+            precision="fp32",
+            dist_info=dist_info,
+            batch_windows=spec.eval_batch_windows,
+            limit=spec.knobs.eval_limit,
+            progress=spec.progress,
         )
+        return {**result.metrics, "per_class": result.per_class, "deform_attn_backend": result.backend}
 
     trainer = Trainer(
         model,
-        config,
-        spec.settings,
+        plan,
         dist_info,
         batches,
         evaluate=run_eval,

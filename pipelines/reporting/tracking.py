@@ -3,14 +3,7 @@
 The one module that imports mlflow, lazily (with ``tracking.enabled: false`` it never does), always
 through an explicit ``MlflowClient`` bound to one URI: no global MLflow state, any calling thread.
 
-Names (shared with the report): a training run (tags ``vitadapter.run=<run>``, ``vitadapter.kind=train``)
-has the resolved config as flattened params (``backbone.trunk.embed_dim``), the run params under
-``run.``, metrics by step (``train/<loss term>``, ``train/lr``, ``time_per_iter``, ``images_per_s``,
-``peak_memory_mb``, ``val/mIoU``, ``val/aAcc``, ``val/mAcc``, ``system/*``), ``published_ss_mIoU`` /
-``published_ms_mIoU`` / ``published_params_M``, after evaluation ``<mode>_mIoU`` / ``<mode>_delta_mIoU``,
-and its files. Chained runs are children of one ``vitadapter.kind=chain`` run; evaluation runs are
-children of their training run. The reference experiment holds one run per published row (named after
-the zoo entry) with ``ss_mIoU``, ``ms_mIoU``, ``params_M``: the metric names of our runs, side by side.
+What is recorded, and under which names, is :mod:`pipelines.reporting.records`.
 
 An unreachable store never stops training or evaluation: waits are bounded by ``timeout_s`` /
 ``max_retries``; the first failure warns (naming the URI) and switches the process to
@@ -21,21 +14,44 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
-import json
 import logging
-import math
 import os
-import re
 import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import models
-from pipelines.params import RunParams, Tracking
+from pipelines.config.params import RunParams, Tracking
+from pipelines.reporting.records import (
+    CURVE_ARTIFACT,
+    FALLBACK_ARTIFACTS,
+    FALLBACK_DB,
+    KIND_CHAIN,
+    KIND_EVAL,
+    KIND_REFERENCE,
+    KIND_REPORT,
+    KIND_TRAIN,
+    MAX_TAG_VALUE,
+    PARENT_TAG,
+    TAG_CHAIN,
+    TAG_FAILED_OVER_FROM,
+    TAG_KIND,
+    TAG_MODE,
+    TAG_RUN,
+    TAG_ZOO,
+    TRAIN_FILES,
+    clip,
+    evaluation_metrics,
+    final_status,
+    finite,
+    flatten_params,
+    metric_name,
+    quote,
+    reference_rows,
+    training_curve,
+)
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -46,26 +62,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-TAG_RUN = "vitadapter.run"
-TAG_KIND = "vitadapter.kind"
-TAG_CHAIN = "vitadapter.chain"
-TAG_ZOO = "vitadapter.zoo_entry"
-TAG_MODE = "vitadapter.eval_mode"
-TAG_LAST_CHECKPOINT = "vitadapter.last_checkpoint"
-TAG_BEST_CHECKPOINT = "vitadapter.best_checkpoint"
-PARENT_TAG = "mlflow.parentRunId"  # what makes MLflow (and its UI) nest a run under another
-KIND_TRAIN, KIND_EVAL, KIND_CHAIN = "train", "evaluation", "chain"
-KIND_REPORT, KIND_REFERENCE = "report", "reference"
-FALLBACK_DB = "mlflow-fallback.db"
-FALLBACK_ARTIFACTS = "mlflow-fallback-artifacts"
-TRAIN_FILES = ("config.json", "key_report.json", "train_log.jsonl")
-CURVE_ARTIFACT = "training_curve.png"
-PERF_KEYS = frozenset({"time_per_iter", "images_per_s", "peak_memory_mb"})
-VAL_KEYS = ("mIoU", "aAcc", "mAcc")
-# MLflow 3's limits on one param / tag value; longer values are clipped (config.json keeps them whole)
-MAX_PARAM_VALUE = 6000
-MAX_TAG_VALUE = 8000
-CLIPPED = "...[clipped]"
 # MLflow error codes that say the request was wrong, not that the store is unreachable
 _REQUEST_ERRORS = frozenset(
     {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST"}
@@ -95,53 +91,6 @@ def _is_unreachable(err: Exception) -> bool:
     if isinstance(err, MlflowException):
         return err.error_code not in _REQUEST_ERRORS
     return isinstance(err, requests.RequestException | OSError | SQLAlchemyError)
-
-
-def _clip(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - len(CLIPPED)] + CLIPPED
-
-
-def flatten_params(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested mappings as MLflow params: dotted keys, JSON values (strings as is), clipped to MLflow's limit."""
-    flat: dict[str, str] = {}
-    for key, value in tree.items():
-        name = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, Mapping) and value:
-            flat.update(flatten_params(value, name))
-        else:
-            text = value if isinstance(value, str) else json.dumps(value, default=str)
-            flat[name] = _clip(text, MAX_PARAM_VALUE)
-    return flat
-
-
-def metric_name(key: str) -> str:
-    """``key`` with the characters MLflow refuses in metric names replaced by ``_``."""
-    return re.sub(r"[^\w./\- ]", "_", key)
-
-
-def _finite(values: Mapping[str, Any]) -> dict[str, float]:
-    """The finite numbers of ``values`` (None, NaN and non-numbers are left out)."""
-    return {
-        key: float(value)
-        for key, value in values.items()
-        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    }
-
-
-def _quote(value: str) -> str:
-    return f"'{value}'" if "'" not in value else f'"{value}"'
-
-
-def _final_status(status: str, caller: FrameType | None) -> str:
-    """FAILED (KILLED) instead of FINISHED when an exception (interrupt) propagates through ``caller``:
-    ``end_run()`` in a ``finally`` after a failed training, so that the rerun resumes the run."""
-    error = sys.exc_info()[1]
-    trace = None if error is None or status != "FINISHED" else error.__traceback__
-    while trace is not None:
-        if trace.tb_frame is caller:
-            return "FAILED" if isinstance(error, Exception) else "KILLED"
-        trace = trace.tb_next
-    return status
 
 
 class _Store:
@@ -183,7 +132,7 @@ class _Store:
         self, experiment: str, tags: Mapping[str, str], *, max_results: int = 1000, newest_first: bool = True
     ) -> list[Run]:
         """Active runs of ``experiment`` carrying all ``tags``."""
-        query = " AND ".join(f"tags.`{key}` = {_quote(value)}" for key, value in tags.items())
+        query = " AND ".join(f"tags.`{key}` = {quote(value)}" for key, value in tags.items())
         order = "DESC" if newest_first else "ASC"
         return list(
             self.client.search_runs(
@@ -197,7 +146,7 @@ class _Store:
     def create_run(
         self, experiment: str, name: str, tags: Mapping[str, str], *, finished: bool = False
     ) -> str:
-        tags = {key: _clip(str(value), MAX_TAG_VALUE) for key, value in tags.items()}
+        tags = {key: clip(str(value), MAX_TAG_VALUE) for key, value in tags.items()}
         run_id = self.client.create_run(self.experiment_id(experiment), tags=tags, run_name=name).info.run_id
         if finished:
             self.client.set_terminated(run_id, "FINISHED")
@@ -224,9 +173,9 @@ class _Store:
 
         now = int(time.time() * 1000)
         batch = {
-            "metrics": [Metric(metric_name(k), v, now, step) for k, v in _finite(metrics or {}).items()],
+            "metrics": [Metric(metric_name(k), v, now, step) for k, v in finite(metrics or {}).items()],
             "params": [Param(k, v) for k, v in (params or {}).items()],
-            "tags": [RunTag(k, _clip(str(v), MAX_TAG_VALUE)) for k, v in (tags or {}).items()],
+            "tags": [RunTag(k, clip(str(v), MAX_TAG_VALUE)) for k, v in (tags or {}).items()],
         }
         if any(batch.values()):
             self.client.log_batch(run_id, **batch)
@@ -299,6 +248,19 @@ class Tracker:
         active, self._run_id = self._run_id, None  # stays None if re-opening fails: later calls are no-ops
         if active is not None:
             self._run_id = self._open_training_run(self._store)
+            # the server's copy of this run stays RUNNING there: `vitadapter tracking sync` copies the
+            # fallback records over and marks it failed over, found by this tag
+            self._store.log(self._run_id, tags={TAG_FAILED_OVER_FROM: f"{self.settings.uri}#{active}"})
+            log.warning(
+                "MLflow run %s on %s continues as run %s on %s; when the server is back: "
+                "vitadapter tracking sync --from %s --to %s",
+                active,
+                self.settings.uri,
+                self._run_id,
+                self.fallback_uri,
+                self.fallback_uri,
+                self.settings.uri,
+            )
         return self._store
 
     def _guarded(self, what: str, operation: Callable[[_Store], T]) -> T | None:
@@ -414,16 +376,36 @@ class Tracker:
         if self._run_id is not None:
             self._guarded("log metrics", lambda store: store.log(self._run_id, metrics=metrics, step=step))
 
+    def log_params(self, params: Mapping[str, str]) -> None:
+        """Log ``params`` on the active training run (params are write-once: log each when it is known)."""
+        if self._run_id is not None:
+            self._guarded("log params", lambda store: store.log(self._run_id, params=dict(params)))
+
     def set_tags(self, tags: Mapping[str, str]) -> None:
         """Set ``tags`` on the active training run."""
         if self._run_id is not None:
             self._guarded("set tags", lambda store: store.log(self._run_id, tags=tags))
 
+    def log_model(self, *, checkpoint: Path, config: SegmentorConfig, overrides: Mapping[str, Any]) -> None:
+        """Log ``checkpoint`` as the active training run's MLflow model (a pyfunc: image in, class map out),
+        registered under the zoo entry's name where the store has a registry
+        (:func:`pipelines.reporting.mlflow_model.log_segmentation_model`)."""
+        if self._run_id is None:
+            return
+        from pipelines.reporting.mlflow_model import log_segmentation_model
+
+        def upload(store: _Store) -> None:
+            log_segmentation_model(
+                store.client, self._run_id, checkpoint=checkpoint, config=config, overrides=dict(overrides)
+            )
+
+        self._guarded(f"log the model of {config.name}", upload)
+
     def end_run(self, status: str = "FINISHED") -> None:
         """End the active training run (FAILED instead of FINISHED while an exception propagates)."""
         if self._run_id is not None:
             frame = inspect.currentframe()
-            status = _final_status(status, frame.f_back if frame is not None else None)
+            status = final_status(status, frame.f_back if frame is not None else None)
             self._stop_monitor()
             self._guarded("end the run", lambda store: store.client.set_terminated(self._run_id, status))
         self._stop_monitor()  # a switch to the fallback store during the call re-opened the run there
@@ -458,6 +440,7 @@ class Tracker:
         per_class: dict,
         artifacts: list[Path],
         tags: dict[str, str],
+        confusion_files: list[Path] | None = None,
     ) -> None:
         """An evaluation run under the training run ``run_name``; its numbers also go on that run.
 
@@ -469,6 +452,7 @@ class Tracker:
             per_class: columns ``name``, ``IoU``, ``Acc`` (logged as an MLflow table).
             artifacts: sample overlay images.
             tags: tags of the run.
+            confusion_files: the confusion matrix's CSV and heat map (logged under ``confusion_<mode>``).
         """
 
         def record(store: _Store) -> None:
@@ -484,11 +468,17 @@ class Tracker:
             store.log(
                 run_id,
                 metrics=summary,
-                params={k: str(metrics[k]) for k in ("run", "config", "mode", "checkpoint") if k in metrics},
+                params={
+                    k: str(metrics[k])
+                    for k in ("run", "config", "mode", "checkpoint", "precision", "deform_attn_backend")
+                    if k in metrics
+                },
             )
             store.client.log_table(run_id, data=per_class, artifact_file=f"per_class_{mode}.json")
             for path in artifacts:
                 store.client.log_artifact(run_id, str(path), f"overlays_{mode}")
+            for path in confusion_files or ():
+                store.client.log_artifact(run_id, str(path), f"confusion_{mode}")
             store.client.set_terminated(run_id, "FINISHED")
             if found:
                 prefixed = {k: v for k, v in summary.items() if k.startswith(f"{mode}_")}
@@ -540,97 +530,3 @@ class Tracker:
             store.client.set_terminated(run_id, "FINISHED")
 
         self._guarded("log the report", record)
-
-
-def evaluation_metrics(mode: str, metrics: Mapping[str, Any]) -> dict[str, float]:
-    """The metrics of an evaluation run: plain names and ``<mode>_`` names (as on the training run)."""
-    names = {"published_miou": "published_mIoU", "delta_miou": "delta_mIoU"}
-    keys = ("mIoU", "aAcc", "mAcc", "num_images", "published_miou", "delta_miou")
-    plain = _finite({names.get(key, key): metrics.get(key) for key in keys})
-    prefixed = {
-        f"{mode}_{k}" if k != "published_mIoU" else f"published_{mode}_mIoU": v for k, v in plain.items()
-    }
-    return {**plain, **{k: v for k, v in prefixed.items() if not k.endswith("num_images")}}
-
-
-def _schedule(iterations: int) -> str:
-    return f"{iterations // 1000}k" if iterations % 1000 == 0 else str(iterations)
-
-
-def reference_rows() -> dict[str, tuple[dict[str, float], dict[str, str], dict[str, str]]]:
-    """(metrics, params, tags) of each published row: the seed table's entries and the COCO-Stuff stages."""
-    configs = {name: models.get_config(name) for name in models.list_configs()}
-    stage_of: dict[str, list[str]] = {}
-    for name, config in configs.items():
-        if config.pretrained.init_from:
-            stage_of.setdefault(config.pretrained.init_from, []).append(name)
-    rows = {}
-    for name, config in configs.items():
-        published = config.published
-        if not (published.in_seed_table or name in stage_of):
-            continue
-        metrics = _finite(
-            {"ss_mIoU": published.miou_ss, "ms_mIoU": published.miou_ms, "params_M": published.params_m}
-        )
-        crop = config.data.train.crop_size
-        tags = {
-            TAG_KIND: KIND_REFERENCE,
-            TAG_ZOO: name,
-            "dataset": config.data.dataset,
-            "head": config.head,
-            "crop": f"{crop[0]}x{crop[1]}",
-            "schedule": _schedule(config.schedule.max_iters),
-            "pretrained": config.pretrained.name,
-            "row": "stage" if name in stage_of else "seed_table",
-        }
-        if name in stage_of:
-            tags["stage_of"] = ", ".join(stage_of[name])
-        params = {"reference_config": config.reference_config}
-        if published.reference_num_params is not None:
-            params["reference_num_params"] = str(published.reference_num_params)
-        rows[name] = (metrics, params, tags)
-    return rows
-
-
-def training_curve(log_file: Path) -> Any:
-    """A matplotlib figure of the loss terms and the learning rate of ``train_log.jsonl`` (None if empty)."""
-    if not log_file.is_file():
-        return None
-    records = [json.loads(line) for line in log_file.read_text().splitlines() if line.strip()]
-    if not records:
-        return None
-    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure state
-
-    iterations = [record["iteration"] for record in records]
-    losses = [key for key in records[0] if "loss" in key]
-    figure = Figure(figsize=(9, 3.5), layout="constrained")
-    loss_axes, lr_axes = figure.subplots(1, 2)
-    for key in losses:
-        loss_axes.plot(iterations, [record.get(key) for record in records], label=key)
-    loss_axes.set(xlabel="iteration", ylabel="loss", title="training loss")
-    if losses:
-        loss_axes.legend(fontsize="small")
-    lr_axes.plot(iterations, [record.get("lr") for record in records])
-    lr_axes.set(xlabel="iteration", ylabel="learning rate", title="learning rate")
-    return figure
-
-
-class TrainingCallback:
-    """The trainer's :class:`pipelines.engine.trainer.Callback`, logging to the tracker's training run."""
-
-    def __init__(self, tracker: Tracker) -> None:
-        self.tracker = tracker
-
-    def on_log(self, iteration: int, values: dict[str, float]) -> None:
-        """Loss terms and lr as ``train/<key>``; throughput and memory keys unprefixed; at step ``iteration``."""
-        named = {key if key in PERF_KEYS else f"train/{key}": value for key, value in values.items()}
-        self.tracker.log_metrics(named, step=iteration)
-
-    def on_eval(self, iteration: int, metrics: dict[str, Any]) -> None:
-        """``val/mIoU``, ``val/aAcc``, ``val/mAcc`` at step ``iteration``."""
-        self.tracker.log_metrics({f"val/{key}": metrics.get(key) for key in VAL_KEYS}, step=iteration)
-
-    def on_checkpoint(self, iteration: int, path: Path, best: bool) -> None:
-        """Tag the last (or best) checkpoint's path and iteration."""
-        key = TAG_BEST_CHECKPOINT if best else TAG_LAST_CHECKPOINT
-        self.tracker.set_tags({key: str(path), f"{key}_iteration": str(iteration)})

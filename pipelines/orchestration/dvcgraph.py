@@ -17,7 +17,8 @@ from typing import Any
 
 import yaml
 
-from pipelines.params import Params
+from pipelines.config.knobs import weight_defining_knobs
+from pipelines.config.params import TRAINING_KEYS, Params
 
 HEADER = (
     "# Generated from params.yaml by `vitadapter pipeline dvc-yaml --write`; edit params.yaml, then regenerate.\n"
@@ -35,16 +36,31 @@ def _present(raw: dict[str, Any], run: str, keys: tuple[str, ...]) -> list[str]:
     return [f"runs.{run}.{key}" for key in keys if key in entry]
 
 
+def _training_params(raw: dict[str, Any], run: str) -> list[str]:
+    """The parameters of run ``run``'s training definition that the file sets: the entry's training keys and
+    its weight-defining ``train`` knobs (:meth:`pipelines.config.params.Params.training_definition`)."""
+    entry = (raw.get("runs") or {}).get(run) or {}
+    train = entry.get("train") or {}
+    knobs = [f"runs.{run}.train.{key}" for key in weight_defining_knobs() if key in train]
+    return [*_present(raw, run, TRAINING_KEYS), *knobs]
+
+
 def build_dvc_graph(
     params: Params, params_file: str = "params.yaml", raw: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """The ``dvc.yaml`` document implied by ``params`` (``raw``: the YAML as written, to list only present keys)."""
-    from pipelines.stages import TRAINING_KEYS
-
     raw = (
         raw
         if raw is not None
-        else {"runs": {name: dict.fromkeys((*TRAINING_KEYS, "eval")) for name in params.runs}}
+        else {
+            "runs": {
+                name: {
+                    **dict.fromkeys((*TRAINING_KEYS, "eval")),
+                    "train": dict.fromkeys(weight_defining_knobs()),
+                }
+                for name in params.runs
+            }
+        }
     )
     stages: dict[str, Any] = {}
     metrics = Path(params.paths.metrics)
@@ -57,9 +73,7 @@ def build_dvc_graph(
             else [str(params.data_dir(dataset))],
             "metrics": [_metric(metrics / "data" / f"{dataset}.json")],
         }
-    weight_keys = [
-        k for name in params.runs for k in _present(raw, name, ("config", "overrides", "init_from", "train"))
-    ]
+    weight_keys = [k for name in params.runs for k in _training_params(raw, name)]
     stages["weights"] = {
         "cmd": f"vitadapter pipeline weights --params {params_file}",
         "params": [{params_file: [*weight_keys, "paths.weights"]}],
@@ -74,7 +88,7 @@ def build_dvc_graph(
         stages[f"train_{name}"] = {
             "cmd": f"vitadapter pipeline train {name} --params {params_file}",
             "deps": deps,
-            "params": [{params_file: _present(raw, name, TRAINING_KEYS)}],
+            "params": [{params_file: _training_params(raw, name)}],
             "outs": [{str(params.run_dir(name)): {"persist": True}}],
             "metrics": [_metric(params.metrics_dir(name) / "train.json")],
             "plots": [

@@ -2,7 +2,7 @@
 
 ``models`` (the zoo) and ``data`` (the transforms) never import each other; this module maps
 :class:`models.config.DataRecipe` onto :class:`data.train_transforms.TrainPipeline` and
-:class:`data.eval_transforms.TestPipeline` (recipes.md, each config's train/SS/MS pipelines).
+:class:`data.eval_transforms.TestPipeline` (docs/reference.md §R3, each config's train/SS/MS pipelines).
 """
 
 from __future__ import annotations

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,26 +24,46 @@ from typing import Any, Literal
 import yaml
 
 import models
+import models.zoo
+from models.config import SegmentorConfig
+from pipelines.config.knobs import TrainParams, weight_defining_knobs
+from pipelines.config.strict import ParamsError, build
 
 DatasetName = Literal["ade20k", "coco_stuff164k", "pascal_context_59"]
+# the keys of a run entry that define its training (with the weight-defining knobs of ``train``);
+# ``eval`` and the other ``train`` knobs never make a trained run stale
+TRAINING_KEYS = ("config", "preset", "overrides", "init_from", "gpus", "nodes")
 DEFAULT_PARAMS = Path("params.yaml")
-
-
-class ParamsError(ValueError):
-    """params.yaml is invalid; the message names the file and the key."""
 
 
 @dataclass(frozen=True)
 class Paths:
-    """Folders of the pipeline's outputs (relative to the repository root)."""
+    """Folders of the pipeline's outputs (relative to the repository root): the only place their defaults live.
+
+    Attributes:
+        data: prepared shards and synthetic twins.
+        runs: run folders.
+        weights: pretrained and released files.
+        metrics: small JSON metrics (git-tracked).
+        reports: the comparison report, per-class tables, overlays.
+        tracking_fallback: where MLflow records go when the tracking server is unreachable.
+        plots: the offline training-curve page.
+        prefect_home: the Prefect home of flows run without a server.
+        prefect_results: persisted Prefect task and flow results.
+    """
 
     data: str = "artifacts/data"
     runs: str = "artifacts/runs"
     weights: str = "artifacts/pretrained"
     metrics: str = "metrics"
     reports: str = "artifacts/reports"
-    # where MLflow records go when the tracking server is unreachable (outside every DVC output)
     tracking_fallback: str = "artifacts/mlflow-fallback"
+    plots: str = "artifacts/plots"
+    prefect_home: str = "artifacts/prefect-home"
+    prefect_results: str = "artifacts/prefect/results"
+
+
+DEFAULT_PATHS = Paths()
 
 
 @dataclass(frozen=True)
@@ -92,32 +111,13 @@ class DatasetParams:
 
 
 @dataclass(frozen=True)
-class TrainParams:
-    """Run-level training knobs (None: the recipe's value)."""
-
-    max_iters: int | None = None
-    batch_size: int | None = None
-    global_batch: int | None = None
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    eval_interval: int | None = None
-    checkpoint_interval: int | None = None
-    log_interval: int | None = None
-    keep_checkpoints: int = 1
-    seed: int = 0
-    deterministic: bool = False
-    num_workers: int = 2
-    pretrained: str = "auto"
-    eval_limit: int | None = None
-
-
-@dataclass(frozen=True)
 class EvalParams:
     """Evaluation of a finished run: which modes, on how many images, with which checkpoint."""
 
     modes: tuple[Literal["ss", "ms"], ...] = ("ss", "ms")
     limit: int | None = None
     checkpoint: Literal["best", "last"] = "best"
-    # recipe: fp16 autocast on CUDA for the configs the reference evaluated that way (recipes.md 2.6)
+    # recipe: fp16 autocast on CUDA for the configs the reference evaluated that way (docs/reference.md §R2.6)
     precision: Literal["recipe", "fp32", "bf16", "fp16"] = "recipe"
     batch_windows: int = 4
 
@@ -128,7 +128,9 @@ class RunParams:
 
     Attributes:
         config: zoo entry.
-        overrides: zoo overrides (architecture or recipe), e.g. a tiny model for the demo.
+        preset: named overrides applied first (``tiny``: the demo's CPU-sized model of the same structure).
+        overrides: zoo overrides by dotted path (``optimizer.lr: 0.002``; the aliases of
+            :data:`models.overrides.ALIASES` too), checked like ``--set``.
         init_from: the run whose checkpoint starts this one (strategy 2), ``auto`` (the recipe's stage
             run or released file), ``none``, or a checkpoint path.
         gpus: GPUs per node for ``torchrun`` (0: one CPU process).
@@ -136,6 +138,7 @@ class RunParams:
     """
 
     config: str
+    preset: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
     init_from: str = "auto"
     train: TrainParams = field(default_factory=TrainParams)
@@ -143,9 +146,17 @@ class RunParams:
     gpus: int = 0
     nodes: int = 1
 
+    def model_config(self) -> SegmentorConfig:
+        """The zoo entry with this run's preset and overrides."""
+        return models.get_config(self.config, self.overrides, preset=self.preset)
+
+    def model_overrides(self) -> dict[str, Any]:
+        """Preset and overrides as one ``{full path: value}`` (what checkpoints record)."""
+        return models.zoo.resolved_overrides(self.config, self.overrides, preset=self.preset)
+
     @property
     def dataset(self) -> str:
-        return models.get_config(self.config).data.dataset
+        return self.model_config().data.dataset
 
 
 @dataclass(frozen=True)
@@ -185,6 +196,35 @@ class Params:
             visit(name)
         return ordered
 
+    def chain_of(self, name: str) -> list[str]:
+        """The runs that ``name`` starts from, first to last, ending with ``name``."""
+        chain = [self.run(name) and name]
+        while self.runs[chain[0]].init_from in self.runs:
+            chain.insert(0, self.runs[chain[0]].init_from)
+        return chain
+
+    def training_definition(self, name: str) -> dict[str, Any]:
+        """Everything that defines the trained weights of run ``name``, and nothing else.
+
+        The keys :data:`TRAINING_KEYS` of its entry (overrides resolved with the preset), its
+        weight-defining knobs (:func:`pipelines.config.knobs.weight_defining_knobs`) and, for a run that
+        starts from another run, that run's definition. The run signature, DVC's parameter dependencies of
+        the train stage and Prefect's cache key of the train task all follow this one definition, so an
+        evaluation setting, a log interval or the number of loader workers never invalidates training.
+        """
+        run = self.run(name)
+        definition: dict[str, Any] = {
+            "config": run.config,
+            "overrides": run.model_overrides(),
+            "init_from": run.init_from,
+            "gpus": run.gpus,
+            "nodes": run.nodes,
+            "train": {key: getattr(run.train, key) for key in weight_defining_knobs()},
+        }
+        if run.init_from in self.runs:
+            definition["init_from_run"] = self.training_definition(run.init_from)
+        return definition
+
     def run_dir(self, name: str) -> Path:
         return Path(self.paths.runs) / name
 
@@ -195,70 +235,10 @@ class Params:
         return Path(self.paths.metrics) / name
 
 
-def _type_name(annotation: Any) -> str:
-    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
-
-
-def _convert(value: Any, annotation: Any, where: str) -> Any:
-    """Check ``value`` against ``annotation`` (dataclass, Literal, Optional, tuple, dict, scalars)."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for option in (a for a in args if a is not type(None)):
-            try:
-                return _convert(value, option, where)
-            except ParamsError as err:
-                errors.append(str(err))
-        raise ParamsError(errors[0] if len(errors) == 1 else f"{where}: {value!r} fits none of {annotation}")
-    if origin is Literal:
-        if value not in args:
-            raise ParamsError(f"{where}: {value!r} is not one of {list(args)}")
-        return value
-    if dataclasses.is_dataclass(annotation):
-        return _build(annotation, value, where)
-    if origin is tuple:
-        if not isinstance(value, list | tuple):
-            raise ParamsError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
-        return tuple(_convert(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ParamsError(f"{where}: expected a mapping, got {type(value).__name__}")
-        return {str(k): _convert(v, args[1], f"{where}.{k}") for k, v in value.items()}
-    if annotation is Any:
-        return value
-    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if annotation is int and isinstance(value, bool):
-        raise ParamsError(f"{where}: expected int, got bool {value!r}")
-    if isinstance(annotation, type) and not isinstance(value, annotation):
-        raise ParamsError(f"{where}: expected {_type_name(annotation)}, got {type(value).__name__} {value!r}")
-    return value
-
-
-def _build(cls: type, raw: Any, where: str) -> Any:
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ParamsError(f"{where}: expected a mapping, got {type(raw).__name__} {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
-    if unknown:
-        raise ParamsError(f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(names))})")
-    values = {k: _convert(v, hints[k], f"{where}.{k}" if where else k) for k, v in raw.items()}
-    try:
-        return cls(**values)
-    except TypeError as err:  # a required key is missing
-        raise ParamsError(f"{where or 'params'}: {err}") from err
-
-
 def parse_params(raw: Any, *, source: str = "params.yaml") -> Params:
     """Validate a loaded YAML document into :class:`Params`."""
     try:
-        params: Params = _build(Params, raw, "")
+        params: Params = build(Params, raw, "")
     except ParamsError as err:
         raise ParamsError(f"{source}: {err}") from None
     for name, dataset in params.datasets.items():
@@ -272,9 +252,11 @@ def parse_params(raw: Any, *, source: str = "params.yaml") -> Params:
             )
     for name, run in params.runs.items():
         try:
-            models.get_config(run.config, **run.overrides)
+            models.get_config(run.config)
         except KeyError as err:
             raise ParamsError(f"{source}: runs.{name}.config: {err.args[0]}") from None
+        try:
+            run.model_config()
         except ValueError as err:
             raise ParamsError(f"{source}: runs.{name}.overrides: {err}") from None
         if run.dataset not in params.datasets and run.eval.modes:

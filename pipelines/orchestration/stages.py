@@ -2,10 +2,11 @@
 
 prepare (per dataset) -> weights -> train (per run; a run may start from another run: the two-stage
 chain) -> evaluate (per run and mode) -> report. Every stage reads ``params.yaml`` (see
-:mod:`pipelines.params`), writes its outputs under ``paths`` and small JSON metrics under
+:mod:`pipelines.config.params`), writes its outputs under ``paths`` and small JSON metrics under
 ``paths.metrics`` (git-tracked, ``dvc metrics``/``dvc plots``), and records itself in MLflow
-(:mod:`pipelines.tracking`). Training with more than one GPU runs under ``torchrun`` as a
-subprocess; only rank 0 reports.
+(:mod:`pipelines.reporting.tracking`). Training with more than one GPU runs under ``torchrun`` as a
+subprocess; only rank 0 reports. Which changes make a stage stale is decided by the run's training
+definition (:meth:`pipelines.config.params.Params.training_definition`; see :mod:`pipelines.runs.folder`).
 """
 
 from __future__ import annotations
@@ -14,16 +15,22 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import models
-from pipelines.params import Params, ParamsError, RunParams
-from pipelines.runs import write_json
+import cuda_ops
+from data.atomic import write_json_atomic as write_json
+from data.atomic import write_text_atomic
+from pipelines.config.params import Params, ParamsError, RunParams
+from pipelines.reporting.records import FALLBACK_DB
+from pipelines.reporting.report import report_markdown, report_rows
+from pipelines.runs import evaluation as evaluation_module
+from pipelines.runs.evaluation import backends_label
+from pipelines.runs.folder import RunFolder, signature_of
+from pipelines.runs.training import RunSpec
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +87,7 @@ def prepare_stage(params: Params, dataset: str) -> dict[str, Any]:
 def weights_stage(params: Params, runs: list[str] | None = None) -> dict[str, Any]:
     """Resolve the pretrained file of every run, or of ``runs`` (present, or downloaded and hashed;
     offline: an error naming it). The results are merged into ``metrics/weights.json``."""
-    from pipelines.weights import resolve_weights
+    from pipelines.runs.weights import resolve_weights
 
     summary_file = Path(params.paths.metrics) / "weights.json"
     resolved: dict[str, Any] = (
@@ -89,8 +96,8 @@ def weights_stage(params: Params, runs: list[str] | None = None) -> dict[str, An
     resolved = {k: v for k, v in resolved.items() if k in params.runs}
     for name in runs if runs is not None else list(params.runs):
         run = params.run(name)
-        config = models.get_config(run.config, **run.overrides)
-        if _initialised_from_run(params, run) or run.train.pretrained == "none":
+        config = run.model_config()
+        if run.init_from in params.runs or run.train.pretrained == "none":
             resolved[name] = {"pretrained": None}
             continue
         path, digest = resolve_weights(
@@ -107,57 +114,27 @@ def weights_stage(params: Params, runs: list[str] | None = None) -> dict[str, An
 # -- train ------------------------------------------------------------------------------------------
 
 
-def _initialised_from_run(params: Params, run: RunParams) -> bool:
-    return run.init_from in params.runs
-
-
 def init_from_path(params: Params, run: RunParams) -> str:
-    """What ``RunSpec.init_from`` gets: a previous run's best (else last) checkpoint, or the setting as is."""
-    if not _initialised_from_run(params, run):
+    """What ``RunSpec.init_from`` gets: the checkpoint of the run this one starts from, or the setting as is."""
+    if run.init_from not in params.runs:
         return run.init_from
-    folder = params.run_dir(run.init_from)
-    best = folder / "best_mIoU.pth"
-    if best.is_file():
-        return str(best)
-    last = sorted(folder.glob("iter_*.pth"))
-    if not last:
-        raise FileNotFoundError(f"run {run.init_from!r} has no checkpoint in {folder}: train it first")
-    return str(last[-1])
+    return str(RunFolder(params.run_dir(run.init_from)).checkpoint("best"))
 
 
-def run_spec(params: Params, name: str):
-    """The :class:`pipelines.train.RunSpec` of run ``name``."""
-    from pipelines.engine.trainer import TrainSettings
-    from pipelines.train import RunSpec
-
+def run_spec(params: Params, name: str) -> RunSpec:
+    """The :class:`pipelines.runs.training.RunSpec` of run ``name``."""
     run = params.run(name)
-    knobs = run.train
-    settings = TrainSettings(
-        work_dir=params.run_dir(name),
-        max_iters=knobs.max_iters,
-        batch_size=knobs.batch_size,
-        global_batch=knobs.global_batch,
-        precision=knobs.precision,
-        eval_interval=knobs.eval_interval,
-        checkpoint_interval=knobs.checkpoint_interval,
-        log_interval=knobs.log_interval,
-        keep_checkpoints=knobs.keep_checkpoints,
-        seed=knobs.seed,
-        deterministic=knobs.deterministic,
-        progress=sys.stderr.isatty(),
-    )
     return RunSpec(
         name=run.config,
         data=params.data_dir(run.dataset),
-        settings=settings,
-        overrides=run.overrides,
-        pretrained=knobs.pretrained,
+        work_dir=params.run_dir(name),
+        knobs=run.train,
+        overrides=run.model_overrides(),
         init_from=init_from_path(params, run),
         weights_dir=Path(params.paths.weights),
         runs_dir=Path(params.paths.runs),
         device="auto" if run.gpus else "cpu",
-        num_workers=knobs.num_workers,
-        eval_limit=knobs.eval_limit,
+        progress=sys.stderr.isatty(),
     )
 
 
@@ -186,6 +163,11 @@ def torchrun_command(params_file: Path, name: str, run: RunParams) -> list[str]:
     ]
 
 
+def run_signature(params: Params, name: str) -> str:
+    """The hash of run ``name``'s training definition (what decides resume versus a fresh start)."""
+    return signature_of(params.training_definition(name))
+
+
 def train_stage(
     params: Params, name: str, *, params_file: Path = Path("params.yaml"), worker: bool = False
 ) -> dict[str, Any]:
@@ -196,16 +178,17 @@ def train_stage(
         log.info("launching %s", " ".join(command))
         subprocess.run(command, check=True)
         return read_train_summary(params, name)
-    from pipelines.engine.distributed import init_distributed
-    from pipelines.tracking import Tracker, TrainingCallback
-    from pipelines.train import run_training
+    from pipelines.engine.distributed import barrier, init_distributed
+    from pipelines.reporting.records import TrainingCallback
+    from pipelines.reporting.tracking import Tracker
+    from pipelines.runs.training import run_training
 
     spec = run_spec(params, name)
     dist_info = init_distributed(spec.device)
     if dist_info.is_main:
-        reset_if_changed(params, name)
-    from pipelines.engine.distributed import barrier
-
+        folder = RunFolder(params.run_dir(name))
+        with folder.exclusive():  # never move a folder another process is training in
+            folder.prepare_for(run_signature(params, name), run=name)
     barrier()
     tracker = (
         Tracker(params.tracking, fallback_dir=Path(params.paths.tracking_fallback))
@@ -214,22 +197,27 @@ def train_stage(
     )
     callbacks = []
     if tracker is not None:
-        config = models.get_config(run.config, **run.overrides)
         tracker.start_training_run(
             run_name=name,
-            config=config,
+            config=spec.config(),
             run_params=run,
             tags=_tags(params, name, run, stage=f"train@{name}"),
             parent=_chain_root(params, name),
         )
         callbacks.append(TrainingCallback(tracker))
+    before = cuda_ops.backend_usage()
     try:
         result = run_training(spec, callbacks=callbacks)
     except BaseException:
         if tracker is not None:
             tracker.end_run("FAILED")
         raise
+    backend = backends_label(cuda_ops.usage_since(before))
     if tracker is not None:
+        tracker.log_params({"deform_attn_backend": backend})
+        weights = result.best_checkpoint or result.last_checkpoint
+        if weights is not None:  # the MLflow model (pyfunc), registered under the zoo entry's name
+            tracker.log_model(checkpoint=Path(weights), config=spec.config(), overrides=spec.overrides)
         tracker.end_run()
     if not dist_info.is_main:
         return {}
@@ -238,45 +226,16 @@ def train_stage(
         "config": run.config,
         "iterations": result.iterations,
         "best_miou": result.best_miou,
+        "deform_attn_backend": backend,
         "last_checkpoint": str(result.last_checkpoint) if result.last_checkpoint else None,
         "best_checkpoint": str(result.best_checkpoint) if result.best_checkpoint else None,
-        "final": {k: v for k, v in (result.history[-1].items() if result.history else [])},
+        "final": dict(result.history[-1]) if result.history else {},
     }
-    _write_curve(params, name)
+    write_json(params.metrics_dir(name) / "train_curve.json", RunFolder(params.run_dir(name)).read_log())
     write_json(params.metrics_dir(name) / "train.json", summary)
     if tracker is not None:
         tracker.log_run_files(params.run_dir(name))
     return summary
-
-
-SIGNATURE_FILE = "run_signature.json"
-# the keys of a run entry that define its training (``eval`` only changes the evaluation)
-TRAINING_KEYS = ("config", "overrides", "init_from", "train", "gpus", "nodes")
-
-
-def run_signature(params: Params, name: str) -> str:
-    """Hash of everything that defines run ``name`` (its params entry and the run it starts from)."""
-    run = params.run(name)
-    payload = {
-        "run": asdict(run),
-        "init_from": init_from_path(params, run) if _initialised_from_run(params, run) else None,
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def reset_if_changed(params: Params, name: str) -> None:
-    """Resume only a run of the same definition: a run folder written for other params is cleared."""
-    folder = params.run_dir(name)
-    signature = run_signature(params, name)
-    marker = folder / SIGNATURE_FILE
-    if folder.is_dir() and any(folder.iterdir()):
-        recorded = json.loads(marker.read_text()).get("signature") if marker.is_file() else None
-        if recorded != signature:
-            log.warning(
-                "params of run %s changed since %s was written: starting the run afresh", name, folder
-            )
-            shutil.rmtree(folder)
-    write_json(marker, {"signature": signature})
 
 
 def read_train_summary(params: Params, name: str) -> dict[str, Any]:
@@ -284,173 +243,76 @@ def read_train_summary(params: Params, name: str) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _write_curve(params: Params, name: str) -> None:
-    """The training log as a DVC plot (a JSON list of records)."""
-    log_file = params.run_dir(name) / "train_log.jsonl"
-    records = (
-        [json.loads(line) for line in log_file.read_text().splitlines() if line] if log_file.is_file() else []
-    )
-    write_json(params.metrics_dir(name) / "train_curve.json", records)
-
-
 # -- evaluate ---------------------------------------------------------------------------------------
-
-
-def checkpoint_for_eval(params: Params, name: str) -> Path:
-    run = params.run(name)
-    folder = params.run_dir(name)
-    best = folder / "best_mIoU.pth"
-    if run.eval.checkpoint == "best" and best.is_file():
-        return best
-    last = sorted(folder.glob("iter_*.pth"))
-    if not last:
-        raise FileNotFoundError(f"run {name!r} has no checkpoint in {folder}: train it first")
-    return last[-1]
 
 
 def evaluate_stage(params: Params, name: str, mode: str) -> dict[str, Any]:
     """Evaluate run ``name`` single- (``ss``) or multi-scale (``ms``), compare with the published number."""
     from pipelines.engine.distributed import init_distributed
-    from pipelines.engine.evaluator import InferenceSettings, evaluate, resolve_precision
-    from pipelines.runs import class_names, eval_items, model_from_checkpoint
-    from pipelines.specs import test_pipeline
-    from pipelines.tracking import Tracker
+    from pipelines.reporting.confusion import write_confusion
+    from pipelines.reporting.tracking import Tracker
+    from pipelines.runs.inputs import model_from_checkpoint
 
     run = params.run(name)
     if mode not in run.eval.modes:
         raise ParamsError(f"params.yaml: runs.{name}.eval.modes does not include {mode!r}")
     dist_info = init_distributed("auto" if run.gpus else "cpu")
-    checkpoint = checkpoint_for_eval(params, name)
-    model, config, _ = model_from_checkpoint(run.config, checkpoint, run.overrides, device=dist_info.device)
-    source = eval_items(config, params.data_dir(run.dataset), limit=run.eval.limit)
-    settings = InferenceSettings.from_config(
-        config,
-        batch_windows=run.eval.batch_windows,
-        precision=resolve_precision(config, run.eval.precision, dist_info.device),
+    checkpoint = RunFolder(params.run_dir(name)).checkpoint(run.eval.checkpoint)
+    model, config, _ = model_from_checkpoint(
+        run.config, checkpoint, run.model_overrides(), device=dist_info.device
     )
-    metrics = evaluate(
-        model,
-        source.items,
-        test_pipeline(config, mode),
-        settings,
-        num_classes=config.num_classes,
-        device=dist_info.device,
-        class_names=class_names(config),
-        total=source.total,
-        progress=sys.stderr.isatty(),
-    )
-    published = config.published.miou_ss if mode == "ss" else config.published.miou_ms
-    result = {
-        "run": name,
-        "config": run.config,
-        "mode": mode,
-        "checkpoint": str(checkpoint),
-        "published_miou": published,
-        "delta_miou": None if published is None else metrics["mIoU"] - published,
-        **{k: v for k, v in metrics.items() if k != "per_class"},
-    }
-    out = params.metrics_dir(name)
-    write_json(out / f"eval_{mode}.json", result)
     reports = Path(params.paths.reports) / name
-    write_json(reports / f"per_class_{mode}.json", metrics["per_class"])
-    overlays = sample_overlays(
-        model, config, params.data_dir(run.dataset), reports / f"overlays_{mode}", mode, settings
+    evaluation = evaluation_module.evaluate_model(
+        model,
+        config,
+        params.data_dir(run.dataset),
+        mode=mode,
+        precision=run.eval.precision,
+        dist_info=dist_info,
+        batch_windows=run.eval.batch_windows,
+        limit=run.eval.limit,
+        progress=sys.stderr.isatty(),
+        overlays_dir=reports / f"overlays_{mode}",
+    )
+    result = {"run": name, "checkpoint": str(checkpoint), **evaluation.summary()}
+    write_json(params.metrics_dir(name) / f"eval_{mode}.json", result)
+    write_json(reports / f"per_class_{mode}.json", evaluation.per_class)
+    confusion_files = write_confusion(
+        evaluation.confusion,
+        evaluation.per_class["name"],
+        reports / f"confusion_{mode}",
+        title=f"{name}, {config.name} ({mode})",
     )
     tracker = Tracker(params.tracking, fallback_dir=Path(params.paths.tracking_fallback))
     tracker.log_evaluation(
         run_name=name,
         mode=mode,
         metrics=result,
-        per_class=metrics["per_class"],
-        artifacts=overlays,
+        per_class=evaluation.per_class,
+        artifacts=evaluation.artifacts,
         tags=_tags(params, name, run, stage=f"evaluate@{name}-{mode}"),
+        confusion_files=confusion_files,
     )
     return result
-
-
-NUM_OVERLAYS = 2
-
-
-def sample_overlays(model, config, data: Path, out: Path, mode: str, settings) -> list[Path]:
-    """Colour overlays of the first validation images (for the MLflow run)."""
-    import cv2
-
-    from pipelines.engine.evaluator import predict_probabilities
-    from pipelines.runs import class_names, eval_items, palette
-    from pipelines.specs import test_pipeline
-    from pipelines.visualize import overlay_with_legend
-
-    out.mkdir(parents=True, exist_ok=True)
-    pipeline = test_pipeline(config, mode)
-    device = next(model.parameters()).device
-    paths = []
-    for item in eval_items(config, data, limit=NUM_OVERLAYS).items:
-        probs = predict_probabilities(
-            model, item["image"], pipeline, settings, num_classes=config.num_classes, device=device
-        )
-        pred = probs.argmax(dim=0).numpy()
-        path = out / f"{item['key']}.png"
-        cv2.imwrite(str(path), overlay_with_legend(item["image"], pred, palette(config), class_names(config)))
-        paths.append(path)
-    return paths
 
 
 # -- report -----------------------------------------------------------------------------------------
 
 
-def report_rows(params: Params) -> list[dict[str, Any]]:
-    """One row per evaluated run and mode: ours against the published number."""
-    rows = []
-    for name, run in params.runs.items():
-        config = models.get_config(run.config)
-        for mode in run.eval.modes:
-            path = params.metrics_dir(name) / f"eval_{mode}.json"
-            ours = json.loads(path.read_text()) if path.is_file() else None
-            rows.append(
-                {
-                    "run": name,
-                    "config": run.config,
-                    "dataset": config.data.dataset,
-                    "mode": mode,
-                    "miou": None if ours is None else ours["mIoU"],
-                    "published_miou": config.published.miou_ss if mode == "ss" else config.published.miou_ms,
-                    "delta_miou": None if ours is None else ours["delta_miou"],
-                    "params_published_m": config.published.params_m,
-                    "overrides": bool(run.overrides),
-                }
-            )
-    return rows
-
-
-def report_markdown(rows: list[dict[str, Any]]) -> str:
-    def fmt(value: float | None) -> str:
-        return "-" if value is None else f"{value:.2f}"
-
-    lines = [
-        "# ViT-Adapter runs against the published table",
-        "",
-        "| run | zoo entry | mode | mIoU (ours) | mIoU (published) | delta | note |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        note = "modified config (overrides): not comparable" if row["overrides"] else ""
-        lines.append(
-            f"| {row['run']} | {row['config']} | {row['mode'].upper()} | {fmt(row['miou'])} | "
-            f"{fmt(row['published_miou'])} | {fmt(row['delta_miou'])} | {note} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
 def report_stage(params: Params) -> dict[str, Any]:
     """Write the comparison report and refresh the MLflow reference experiment."""
-    from pipelines.tracking import Tracker
+    from pipelines.reporting.tracking import Tracker
 
     rows = report_rows(params)
     report = Path(params.paths.reports) / "report.md"
-    report.parent.mkdir(parents=True, exist_ok=True)
-    from pipelines.engine.checkpoints import write_text_atomic
-
-    write_text_atomic(report, report_markdown(rows))
+    text = report_markdown(rows)
+    fallback = Path(params.paths.tracking_fallback) / FALLBACK_DB
+    if fallback.is_file():  # tracking split between the server and the fallback store: say where
+        text += (
+            f"\nSome MLflow records are in the local fallback store sqlite:///{fallback.resolve()} (the tracking "
+            f"server {params.tracking.uri} was unreachable): `vitadapter tracking sync` copies them over.\n"
+        )
+    write_text_atomic(report, text)
     summary = {"rows": rows, "report": str(report)}
     write_json(Path(params.paths.metrics) / "report.json", summary)
     tracker = Tracker(params.tracking, fallback_dir=Path(params.paths.tracking_fallback))
@@ -481,6 +343,7 @@ def _tags(params: Params, name: str, run: RunParams, *, stage: str) -> dict[str,
         "vitadapter.dataset": run.dataset,
         "vitadapter.data_index_sha256": index_sha,
         "vitadapter.dvc_stage": os.environ.get(STAGE_ENV, stage),
+        "vitadapter.preset": run.preset or "",
         "vitadapter.overrides": json.dumps(run.overrides, sort_keys=True),
         "vitadapter.params": json.dumps(asdict(run.train), sort_keys=True),
     }
@@ -495,10 +358,8 @@ def _tags(params: Params, name: str, run: RunParams, *, stage: str) -> dict[str,
 
 def _chain_root(params: Params, name: str) -> str | None:
     """The first run of the chain ``name`` belongs to (its parent in MLflow), or None for a lone run."""
-    chain = [name]
-    while params.runs[chain[-1]].init_from in params.runs:
-        chain.append(params.runs[chain[-1]].init_from)
+    chain = params.chain_of(name)
     children = [n for n, r in params.runs.items() if r.init_from == name]
     if len(chain) == 1 and not children:
         return None
-    return chain[-1]
+    return chain[0]

@@ -1,0 +1,1 @@
+"""Reporting: MLflow tracking, the comparison report, plots and overlays."""

@@ -1,0 +1,194 @@
+"""The one evaluation entry point: a model, its data, a mode and a precision -> metrics, table, artifacts.
+
+:func:`evaluate_model` is what ``vitadapter evaluate``, the DVC/Prefect evaluate stage and the evaluations
+during and at the end of training call. It runs the reference protocol of :mod:`pipelines.engine.evaluator`
+(sliding windows, the config's scales and flips, docs/reference.md §R2.5) in the precision the reference
+measured the entry in unless told otherwise (§R2.6), compares the result with the published number of the
+mode, records which deformable-attention backend ran, and optionally writes colour overlays of the first
+images.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from torch import nn
+
+import cuda_ops
+from models.config import SegmentorConfig
+from pipelines.config.specs import EvalMode, test_pipeline
+from pipelines.engine.distributed import DistInfo
+from pipelines.engine.evaluator import (
+    InferenceSettings,
+    PrecisionChoice,
+    evaluate,
+    resolve_precision,
+)
+from pipelines.engine.labels import predict_labels
+from pipelines.runs.inputs import EvalSource, class_names, eval_items, palette, safe_stem
+
+log = logging.getLogger(__name__)
+
+NUM_OVERLAYS = 2
+
+
+@dataclass
+class EvaluationResult:
+    """What one evaluation produced.
+
+    Attributes:
+        config: zoo entry name.
+        mode: ``ss`` or ``ms``.
+        precision: the precision that ran.
+        backend: the deformable-attention backend(s) that ran (``pytorch``, ``triton``, or both joined by ``+``).
+        metrics: ``mIoU``, ``aAcc``, ``mAcc`` (percent) and ``num_images``.
+        per_class: per-class IoU and Acc.
+        published_miou: the published mIoU of this mode (None: none published).
+        data: where the images came from.
+        artifacts: files written (overlays).
+        confusion: (K, K) int64 class confusion matrix over the set (rows the label, columns the
+            prediction), accumulated beside the IoU counts (:class:`pipelines.engine.metrics.SegMetrics`).
+    """
+
+    config: str
+    mode: EvalMode
+    precision: str
+    backend: str
+    metrics: dict[str, Any]
+    per_class: Any
+    published_miou: float | None
+    data: str
+    artifacts: list[Path] = field(default_factory=list)
+    confusion: np.ndarray | None = None
+
+    @property
+    def delta_miou(self) -> float | None:
+        return None if self.published_miou is None else self.metrics["mIoU"] - self.published_miou
+
+    def summary(self) -> dict[str, Any]:
+        """A flat JSON-able record (no per-class table)."""
+        return {
+            "config": self.config,
+            "mode": self.mode,
+            "precision": self.precision,
+            "deform_attn_backend": self.backend,
+            "data": self.data,
+            "published_miou": self.published_miou,
+            "delta_miou": self.delta_miou,
+            **self.metrics,
+        }
+
+
+def backends_label(used: dict[str, int]) -> str:
+    """The backends that ran, as one label (``pytorch``, ``triton``, ``pytorch+triton``; ``none``)."""
+    return "+".join(sorted(used)) or "none"
+
+
+def evaluate_model(
+    model: nn.Module,
+    config: SegmentorConfig,
+    data: str | Path | EvalSource,
+    *,
+    mode: EvalMode = "ss",
+    precision: PrecisionChoice = "recipe",
+    dist_info: DistInfo | None = None,
+    inference: Literal["slide", "whole"] | None = None,
+    batch_windows: int = 4,
+    limit: int | None = None,
+    progress: bool = False,
+    overlays_dir: Path | None = None,
+) -> EvaluationResult:
+    """Evaluate ``model`` (zoo entry ``config``) on the validation split of ``data``.
+
+    Args:
+        model: the segmentor (its mode is set to eval).
+        config: its zoo entry (with overrides).
+        data: a prepared shard folder, an official raw folder, or an :class:`EvalSource` already opened.
+        mode: ``ss`` (single-scale) or ``ms`` (multi-scale + flip).
+        precision: ``recipe`` (as the reference measured this entry) or a forced one.
+        dist_info: process placement; None: one process on the model's device.
+        inference: ``slide``/``whole`` instead of the config's.
+        batch_windows: sliding windows per forward.
+        limit: the first N images only.
+        progress: a progress bar (rank 0).
+        overlays_dir: where to write colour overlays of the first images (rank 0), or None.
+
+    Raises:
+        ValueError: ``ms`` for an entry without a multi-scale recipe.
+    """
+    device = dist_info.device if dist_info is not None else next(model.parameters()).device
+    rank, world = (dist_info.rank, dist_info.world_size) if dist_info is not None else (0, 1)
+    pipeline = test_pipeline(config, mode)
+    resolved = resolve_precision(config, precision, device)
+    settings = InferenceSettings.from_config(
+        config, mode=inference, batch_windows=batch_windows, precision=resolved
+    )
+    source = (
+        data
+        if isinstance(data, EvalSource)
+        else eval_items(config, data, rank=rank, world_size=world, limit=limit)
+    )
+    before = cuda_ops.backend_usage()
+    metrics = evaluate(
+        model,
+        source.items,
+        pipeline,
+        settings,
+        num_classes=config.num_classes,
+        device=device,
+        class_names=class_names(config),
+        total=source.total,
+        progress=progress and rank == 0,
+        distributed=dist_info is not None and dist_info.distributed,
+    )
+    used = cuda_ops.usage_since(before)
+    per_class = metrics.pop("per_class")
+    confusion = metrics.pop("confusion", None)
+    artifacts: list[Path] = []
+    if overlays_dir is not None and rank == 0 and not isinstance(data, EvalSource):
+        artifacts = write_overlays(model, config, data, overlays_dir, pipeline_mode=mode, settings=settings)
+    return EvaluationResult(
+        config=config.name,
+        mode=mode,
+        precision=resolved,
+        backend=backends_label(used),
+        metrics=metrics,
+        per_class=per_class,
+        published_miou=config.published.miou(mode),
+        data=source.description,
+        artifacts=artifacts,
+        confusion=confusion,
+    )
+
+
+def write_overlays(
+    model: nn.Module,
+    config: SegmentorConfig,
+    data: str | Path,
+    out: Path,
+    *,
+    pipeline_mode: EvalMode,
+    settings: InferenceSettings,
+    count: int = NUM_OVERLAYS,
+) -> list[Path]:
+    """Colour overlays (with a legend) of the first ``count`` validation images, named after their keys."""
+    import cv2
+
+    from pipelines.reporting.visualize import overlay_with_legend
+
+    out.mkdir(parents=True, exist_ok=True)
+    pipeline = test_pipeline(config, pipeline_mode)
+    device = next(model.parameters()).device
+    paths = []
+    for item in eval_items(config, data, limit=count).items:
+        pred = predict_labels(
+            model, item["image"], pipeline, settings, num_classes=config.num_classes, device=device
+        )
+        path = out / f"{safe_stem(str(item['key']))}.png"
+        cv2.imwrite(str(path), overlay_with_legend(item["image"], pred, palette(config), class_names(config)))
+        paths.append(path)
+    return paths

@@ -1,0 +1,175 @@
+"""What a run reads: models from checkpoints, validation images from shards or official folders, class names."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import models
+from data.catalog import get_dataset
+from models.checkpoint import LoadReport, load_checkpoint_file, load_official_state_dict
+from models.config import SegmentorConfig
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "index.json"
+
+
+def model_from_checkpoint(
+    name: str | None,
+    checkpoint: str | Path,
+    overrides: dict[str, Any] | None = None,
+    *,
+    device: torch.device | None = None,
+    backend: str | None = None,
+    state: dict[str, Any] | None = None,
+) -> tuple[nn.Module, SegmentorConfig, LoadReport]:
+    """Build zoo entry ``name`` and load a checkpoint (official, imported or training) strictly.
+
+    The zoo overrides a checkpoint was written with (imported and training checkpoints record them by
+    full path) are used unless ``overrides`` is given. ``backend`` sets the deformable-attention backend.
+    ``name`` None: the entry the checkpoint records (imported and training checkpoints store ``config``).
+    ``state``: the checkpoint's content when the caller has already read it (``checkpoint`` still names it).
+
+    Raises:
+        ValueError: ``name`` is None and the checkpoint records no zoo entry, or it records another one.
+    """
+    if state is None:
+        state = load_checkpoint_file(checkpoint)
+    if name is None:
+        name = recorded_entry(state, checkpoint)
+    if overrides is None:
+        overrides = dict(state.get("overrides") or {})
+    if backend is not None:
+        overrides = {**overrides, "deform_attn_backend": backend}
+    recorded = state.get("config")
+    if isinstance(recorded, str) and recorded != models.get_config(name).name:
+        raise ValueError(f"{checkpoint} holds weights of {recorded!r}, not {name!r}")
+    config = models.get_config(name, overrides)
+    model = models.build_segmentor(config)
+    report = load_official_state_dict(model, state, source=str(checkpoint))
+    if device is not None:
+        model = model.to(device)
+    return model.eval(), config, report
+
+
+def recorded_entry(state: dict[str, Any], checkpoint: str | Path) -> str:
+    """The zoo entry a loaded checkpoint records (``config``; official files keep it in ``meta.zoo_entry``).
+
+    Raises:
+        ValueError: it records none, naming the file.
+    """
+    meta = state.get("meta")
+    for value in (state.get("config"), meta.get("zoo_entry") if isinstance(meta, dict) else None):
+        if isinstance(value, str) and value:
+            return value
+    raise ValueError(f"{checkpoint} records no zoo entry: give the NAME of its zoo entry")
+
+
+def check_shards_match(config: SegmentorConfig, root: str | Path) -> None:
+    """Refuse prepared shards of another dataset than the zoo entry's (name, number and names of classes).
+
+    Raises:
+        ValueError: naming the folder's dataset and classes and the entry's.
+    """
+    from data.shards import DatasetIndex
+
+    index_file = Path(root) / INDEX_FILE
+    index = DatasetIndex.from_json(index_file.read_text(), source=str(index_file))
+    expected = get_dataset(config.data.dataset)
+    problems = []
+    if index.dataset != config.data.dataset:
+        problems.append(
+            f"it holds {index.dataset!r}, the entry is trained and evaluated on {config.data.dataset!r}"
+        )
+    if index.num_classes != config.num_classes:
+        problems.append(f"it has {index.num_classes} classes, the entry {config.num_classes}")
+    elif list(index.class_names) != list(expected.class_names):
+        differing = next(
+            i for i, (a, b) in enumerate(zip(index.class_names, expected.class_names, strict=True)) if a != b
+        )
+        problems.append(
+            f"class {differing} is {index.class_names[differing]!r} there, {expected.class_names[differing]!r} "
+            f"in {config.data.dataset}"
+        )
+    if problems:
+        raise ValueError(
+            f"{root} does not hold the data of {config.name}: {'; '.join(problems)} "
+            f"(prepare {config.data.dataset} with `vitadapter data prepare {config.data.dataset} ...`)"
+        )
+
+
+@dataclass
+class EvalSource:
+    """Validation items of a prepared shard folder or of an official raw folder."""
+
+    items: Iterator[dict[str, Any]]
+    total: int
+    description: str
+
+
+def eval_items(
+    config: SegmentorConfig, data: str | Path, *, rank: int = 0, world_size: int = 1, limit: int | None = None
+) -> EvalSource:
+    """This rank's share of the validation set of ``config``'s dataset, from shards or a raw folder.
+
+    Each item is ``{"key", "image": (H, W, 3) uint8 BGR, "label": (H, W) train ids}`` at original size.
+    """
+    root = Path(data)
+    dataset = config.data.dataset
+    if (root / INDEX_FILE).is_file():
+        from data.loaders import build_eval_loader
+
+        check_shards_match(config, root)
+        loader = build_eval_loader(root, split="val", rank=rank, world_size=world_size)
+        total = len(loader.dataset)
+        items: Iterator[dict[str, Any]] = iter(loader)
+        description = f"prepared shards {root}"
+    else:
+        from data.readers import find_samples, load_sample
+
+        samples = find_samples(dataset, root, "val")[rank::world_size]
+        total = len(samples)
+
+        def generate() -> Iterator[dict[str, Any]]:
+            for sample in samples:
+                loaded = load_sample(sample)
+                yield {"key": sample.key, "image": loaded.image, "label": loaded.label}
+
+        items = generate()
+        description = f"official {dataset} folder {root}"
+    if limit is not None:
+        total = min(total, limit)
+        items = (item for i, item in zip(range(limit), items, strict=False))
+    return EvalSource(items=items, total=total, description=description)
+
+
+def class_names(config: SegmentorConfig) -> tuple[str, ...]:
+    info = get_dataset(config.data.dataset)
+    if info.num_classes != config.num_classes:
+        return tuple(str(i) for i in range(config.num_classes))
+    return tuple(info.class_names)
+
+
+def palette(config: SegmentorConfig) -> np.ndarray:
+    """(K, 3) uint8 RGB colours of the classes."""
+    from data.catalog import make_palette
+
+    return make_palette(config.num_classes)
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_stem(key: str) -> str:
+    """A file-name stem made from a sample key: one path component of letters, digits, ``.``, ``_``, ``-``."""
+    stem = _UNSAFE.sub("_", key).strip("._") or "sample"
+    return stem[:200]

@@ -1,0 +1,217 @@
+"""Nothing lost, nothing silently wrong in a run folder: one writer, the best checkpoint stays the best,
+a torn log line and orphaned temporaries after a kill, Ctrl-C, out-of-range knobs, a changed definition."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import models
+from data.prepare import prepare_dataset
+from data.synthetic import synthesize
+from micro_params import cli_model_args
+from models.checkpoint import load_checkpoint_file
+from pipelines.cli import main
+from pipelines.config.knobs import TrainParams
+from pipelines.runs.folder import RunFolder, RunFolderBusyError
+from pipelines.runs.training import RunSpec, run_training
+
+NAME = "upernet_deit_adapter_tiny_512_160k_ade20k"
+
+
+@pytest.fixture(scope="module")
+def twin(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("twin")
+    report = synthesize(
+        "ade20k", root / "raw", num_train=8, num_val=2, seed=1, min_size=64, max_size=96, num_classes_used=4
+    )
+    prepare_dataset("ade20k", report.root, root / "prepared")
+    return root / "prepared"
+
+
+def _spec(twin: Path, work_dir: Path, **knobs) -> RunSpec:
+    values = {"max_iters": 2, "batch_size": 2, "global_batch": 2, "log_interval": 1, "eval_interval": 2}
+    values.update(num_workers=0, pretrained="none", **knobs)
+    overrides = models.zoo.resolved_overrides(NAME, preset="tiny")
+    return RunSpec(
+        name=NAME,
+        data=twin,
+        work_dir=work_dir,
+        knobs=TrainParams(**values),
+        overrides=overrides,
+        progress=False,
+    )
+
+
+def test_resume_keeps_the_best_checkpoint_best(twin: Path, tmp_path: Path) -> None:
+    """iter_N.pth is written before the evaluation at N, so its own best score is stale; resume trusts best.json."""
+    run = tmp_path / "run"
+    run_training(_spec(twin, run, checkpoint_interval=2))
+    best_file = run / "best_mIoU.pth"
+    assert json.loads((run / "best.json").read_text())["iteration"] == 2
+    assert load_checkpoint_file(run / "iter_0000002.pth")["best_miou"] is None  # saved before evaluating
+    # the evaluation at 2 was (say) excellent: a later, worse one must not replace it after a resume
+    (run / "best.json").write_text(json.dumps({"iteration": 2, "metric": "mIoU", "value": 99.0}))
+    before = best_file.read_bytes()
+    run_training(_spec(twin, run, max_iters=4, checkpoint_interval=2))
+    assert best_file.read_bytes() == before
+    assert json.loads((run / "best.json").read_text())["value"] == 99.0
+    # the resumed run's changed recipe value is warned about and recorded
+    changes = [json.loads(line) for line in (run / "resume_changes.jsonl").read_text().splitlines()]
+    assert changes[0]["iteration"] == 2 and changes[0]["changes"]["schedule.max_iters"] == [2, 4]
+
+
+def test_a_torn_log_line_and_orphaned_temporaries_are_repaired_on_resume(
+    twin: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    run = tmp_path / "run"
+    run_training(_spec(twin, run, checkpoint_interval=2))
+    with (run / "train_log.jsonl").open("a") as handle:
+        handle.write('{"iteration": 3, "loss": 0.5')  # a kill in the middle of a line
+    orphan = run / ".iter_0000004.pth.abc123.tmp"
+    orphan.write_bytes(b"half a checkpoint")
+    run_training(_spec(twin, run, max_iters=3, checkpoint_interval=3))
+    assert "skipping the torn last line" in caplog.text and "train_log.jsonl" in caplog.text
+    assert [r["iteration"] for r in RunFolder(run).read_log()] == [1, 2, 3]
+    assert not orphan.exists()
+
+
+def test_a_second_writer_is_refused_naming_the_folder_and_the_holder(tmp_path: Path) -> None:
+    folder = RunFolder(tmp_path / "run")
+    with folder.exclusive():
+        code = "from pipelines.runs.folder import RunFolder; import sys\nwith RunFolder(sys.argv[1]).exclusive(): pass"
+        other = subprocess.run([sys.executable, "-c", code, str(folder.path)], capture_output=True, text=True)
+        assert other.returncode != 0
+        assert f"run folder {folder.path} is in use by another process (PID {os.getpid()})" in other.stderr
+    with folder.exclusive():  # released when the holder is done (or dies)
+        pass
+
+
+def test_two_train_commands_into_one_folder(twin: Path, tmp_path: Path) -> None:
+    """The real commands: while one `vitadapter train` runs, a second into the same folder exits 1 at once."""
+    run = tmp_path / "run"
+    common = ["--data", str(twin), "--work-dir", str(run), "--pretrained", "none", "--num-workers", "0"]
+    common += ["--batch-size", "2", "--global-batch", "2", "--no-progress", *cli_model_args()]
+    first = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pipelines.cli",
+            "train",
+            NAME,
+            *common,
+            "--max-iters",
+            "400",
+            "--eval-interval",
+            "1000",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while not (run / "train_log.jsonl").is_file():
+            assert first.poll() is None, first.communicate()[1][-2000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        second = subprocess.run(
+            [sys.executable, "-m", "pipelines.cli", "train", NAME, *common, "--max-iters", "2"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert second.returncode == 1
+        assert f"run folder {run} is in use by another process (PID {first.pid})" in second.stderr
+        # Ctrl-C: the running one writes a checkpoint and exits 130
+        first.send_signal(signal.SIGINT)
+        assert first.wait(timeout=180) == 130, first.communicate()[1][-2000:]
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert RunFolder(run).latest_checkpoint() is not None
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--max-iters", "0", "--max-iters: 0 is out of range (at least 1; leave it unset for the recipe's)"),
+        ("--max-iters", "-5", "--max-iters: -5 is out of range"),
+        ("--batch-size", "0", "--batch-size: 0 is out of range"),
+        ("--keep-checkpoints", "0", "--keep-checkpoints: 0 is out of range"),
+    ],
+)
+def test_out_of_range_knobs_are_errors_not_defaults(
+    twin: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, flag: str, value: str, message: str
+) -> None:
+    args = ["train", NAME, "--data", str(twin), "--work-dir", str(tmp_path / "run"), flag, value]
+    assert main(args) == 1
+    assert message in caplog.text
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_an_evaluation_setting_never_retrains_and_a_changed_run_is_moved_aside(tmp_path: Path) -> None:
+    """The real `vitadapter pipeline train`: eval.limit changes nothing; a weight-defining change keeps the old folder."""
+    from micro_params import micro_params, write_params
+
+    params = micro_params()
+    params["paths"] = {key: str(tmp_path / value) for key, value in params["paths"].items()}
+    params["tracking"] = {**params["tracking"], "enabled": False}
+    params["runs"]["tiny"]["train"].update(max_iters=2, eval_interval=2, checkpoint_interval=2)
+    path = write_params(tmp_path / "params.yaml", params)
+    assert main(["pipeline", "prepare", "ade20k", "--params", str(path)]) == 0
+    assert main(["pipeline", "train", "tiny", "--params", str(path)]) == 0
+    run = tmp_path / "artifacts" / "runs" / "tiny"
+    trained = (run / "iter_0000002.pth").read_bytes()
+    mtime = (run / "iter_0000002.pth").stat().st_mtime_ns
+
+    params["runs"]["tiny"]["eval"]["limit"] = 1  # an evaluation setting
+    params["runs"]["tiny"]["train"]["log_interval"] = 1  # and knobs that do not change the weights
+    params["runs"]["tiny"]["train"]["num_workers"] = 1
+    write_params(path, params)
+    assert main(["pipeline", "train", "tiny", "--params", str(path)]) == 0
+    assert (run / "iter_0000002.pth").stat().st_mtime_ns == mtime  # the finished run was kept as it is
+
+    params["runs"]["tiny"]["train"]["seed"] = 7  # changes the weights: a new run, the old one kept aside
+    write_params(path, params)
+    assert main(["pipeline", "train", "tiny", "--params", str(path)]) == 0
+    aside = [p for p in run.parent.iterdir() if p.name.startswith("tiny.stale-")]
+    assert len(aside) == 1 and (aside[0] / "iter_0000002.pth").read_bytes() == trained
+    assert (run / "iter_0000002.pth").read_bytes() != trained
+
+
+def test_predict_keeps_inputs_of_the_same_name_apart_and_checks_paths_first(
+    twin: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from pipelines.engine.checkpoints import save_checkpoint_file
+
+    model = models.create_segmentor(NAME, preset="tiny")
+    checkpoint = save_checkpoint_file({"state_dict": model.state_dict()}, tmp_path / "model.pth")
+    images = sorted((twin.parent / "raw" / "ADEChallengeData2016" / "images" / "validation").glob("*.jpg"))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    for folder, image in zip(("a", "b"), images, strict=True):
+        (tmp_path / folder / "photo.jpg").write_bytes(image.read_bytes())
+    args = [
+        "predict",
+        NAME,
+        "--checkpoint",
+        str(checkpoint),
+        "--out",
+        str(tmp_path / "out"),
+        *cli_model_args(),
+    ]
+    assert main([*args, str(tmp_path / "a" / "photo.jpg"), str(tmp_path / "b" / "photo.jpg")]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png") if "overlay" not in p.name) == [
+        "photo.png",
+        "photo_2.png",
+    ]
+    assert main([*args, str(tmp_path / "a" / "photo.jpg"), str(tmp_path / "nope.jpg")]) == 1
+    assert f"no such image file: {tmp_path / 'nope.jpg'}" in caplog.text
