@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+
 def core_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the sampling runs in for values of ``dtype``: float64 stays float64 (rounding checks run the
     whole model in it), everything else runs in float32 (the reference's ``custom_fwd(cast_inputs=float32)``

@@ -111,7 +111,9 @@ def staging_path(destination: Path) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_directory(destination: str | Path, *, writer: str = "vitadapter", force: bool = False) -> Iterator[Path]:
+def atomic_directory(
+    destination: str | Path, *, writer: str = "vitadapter", force: bool = False
+) -> Iterator[Path]:
     """Yield an empty staging folder; on success it replaces ``destination`` atomically.
 
     The staging folder gets :data:`OWNER_MARKER` (naming ``writer``), so a later run may replace it; a

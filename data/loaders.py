@@ -12,8 +12,9 @@ workers changes nothing. Resuming after ``k`` batches is ``start_step=k``.
 
 Gradient accumulation (``micro_batches=M``): each step yields a list of ``M`` batches, micro-batch ``j`` of
 rank ``r`` being what rank ``r * M + j`` of ``R * M`` ranks would read. One process with ``M`` accumulation
-steps thus sees exactly the samples, grouped into the same batches (the same BatchNorm statistics), as ``M``
-processes without accumulation. Batches: ``image`` float32
+steps thus sees exactly the samples, grouped into the same batches, as ``M`` processes without accumulation
+(BatchNorm statistics are those of ``M`` processes with per-process BatchNorm, not the reference's SyncBN over
+all of them: ``pipelines.engine.plan`` avoids accumulation by default). Batches: ``image`` float32
 ``(B, 3, H, W)``, ``label`` int64 ``(B, H, W)``, ``keys``, and with ``to_mask`` the Mask2Former targets.
 
 Evaluation (:class:`EvalDataset`, :func:`build_eval_loader`): rank ``r`` of ``R`` reads positions

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from data.atomic import atomic_directory, check_disjoint, check_replaceable
 from data.catalog import SPLITS, DatasetName, LabelError, Split, get_dataset
+from data.provenance import describe_raw
 from data.readers import CorruptFileError, FileRef, RawSample, find_samples, load_sample
 from data.shards import (
     DEFAULT_SAMPLES_PER_SHARD,
@@ -176,7 +177,7 @@ def prepare_dataset(
     }
     fingerprint = inputs_fingerprint(dataset, samples, options)
     existing = None if force else _existing_index(out)
-    if existing is not None and existing.inputs_fingerprint == fingerprint:
+    if existing is not None and existing.inputs_fingerprint == fingerprint and existing.source is not None:
         log.info("%s is complete and up to date; nothing to do", out)
         return PrepareReport(root=out, index=existing, reused=True)
 
@@ -231,6 +232,7 @@ def prepare_dataset(
             label_convention=info.label_convention,
             splits=split_indexes,
             inputs_fingerprint=fingerprint,
+            source=describe_raw(raw, (s for split_samples in samples.values() for s in split_samples)),
         )
         (staging / INDEX_FILE).write_text(index.to_json())
         validate_prepared(staging)

@@ -120,7 +120,11 @@ def decode_image(data: bytes, *, source: str) -> np.ndarray:
     """
     if not data:
         raise CorruptFileError(f"{source}: empty file (0 bytes)")
-    if data.startswith(JPEG_START) and JPEG_END not in data[-JPEG_END_WINDOW:] and not _jpeg_is_complete(data):
+    if (
+        data.startswith(JPEG_START)
+        and JPEG_END not in data[-JPEG_END_WINDOW:]
+        and not _jpeg_is_complete(data)
+    ):
         raise CorruptFileError(f"{source}: corrupt image (JPEG without its end marker, file cut short?)")
     try:
         image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)

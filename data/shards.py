@@ -24,8 +24,8 @@ import bisect
 import hashlib
 import itertools
 import json
-import re
 import logging
+import re
 import tarfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -145,6 +145,8 @@ class DatasetIndex:
     inputs_fingerprint: str
     format_version: int = FORMAT_VERSION
     complete: bool = True
+    # where the samples came from (data.provenance.describe_raw); None in indexes written before it existed
+    source: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         """Serialise deterministically."""

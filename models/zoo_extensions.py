@@ -37,7 +37,7 @@ from models.config import (
     UperNetConfig,
     even_interaction_indexes,
 )
-from models.zoo import (
+from models.zoo_entries import (
     _AUG_TEST,
     _SETR_MS,
     IMAGENET_MEAN,

@@ -19,6 +19,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "pipelines.commands.data",
     "pipelines.commands.train",
     "pipelines.commands.evaluate",
+    "pipelines.commands.run",
     "pipelines.commands.export",
     "pipelines.commands.analyze",
     "pipelines.commands.pipeline",

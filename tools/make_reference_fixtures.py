@@ -184,7 +184,9 @@ def _train_step(ref: Path, golden: str, name: str) -> None:
     ]
     info = {
         "source": f"reference train_step/{golden}.json and its npz",
-        "settings": {k: meta["settings"][k] for k in ("torch", "threads", "deterministic", "dtype", "img", "gt")},
+        "settings": {
+            k: meta["settings"][k] for k in ("torch", "threads", "deterministic", "dtype", "img", "gt")
+        },
         "model_cfg_changes": meta["settings"]["model_cfg_changes"],
         "log_vars": meta["log_vars"],
         "float64_losses": {k: v[0] for k, v in meta["float64_rerun"]["losses"].items()},

@@ -22,7 +22,19 @@ def _giga(value: int) -> str:
 
 
 def _table(rows: list[dict[str, Any]]) -> list[tuple[str, ...]]:
-    header = ("name", "input", "trunk", "adapter", "head", "params", "GFLOPs", "sampling", "ms", "img/s", "backend")
+    header = (
+        "name",
+        "input",
+        "trunk",
+        "adapter",
+        "head",
+        "params",
+        "GFLOPs",
+        "sampling",
+        "ms",
+        "img/s",
+        "backend",
+    )
     table = [header]
     for row in rows:
         params, flops, timing = row["params"], row["flops"], row.get("latency")
@@ -67,7 +79,9 @@ def _analyze(args: argparse.Namespace) -> int:
     table = _table(rows)
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
-        sys.stdout.write("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+        sys.stdout.write(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
         sys.stdout.write("\n")
     sys.stdout.write(
         "GFLOPs: dense operators of one forward (FlopCounterMode, 2 per multiply-add); sampling: the deformable "

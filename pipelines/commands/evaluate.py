@@ -41,6 +41,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from pipelines.reporting.confusion import write_confusion
     from pipelines.runs.evaluation import evaluate_model
     from pipelines.runs.inputs import model_from_checkpoint
+    from pipelines.runs.recipe_diff import recorded_training_diff
 
     _require_checkpoint(args)
     dist_info = init_distributed(args.device)
@@ -62,6 +63,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         batch_windows=args.batch_windows,
         limit=args.limit,
         progress=not args.no_progress,
+        tf32=args.tf32,
+        training_diff=recorded_training_diff(args.checkpoint),
     )
     if not dist_info.is_main:
         return 0
@@ -127,7 +130,9 @@ def _onnx_model(args: argparse.Namespace) -> tuple:
     from pipelines.engine.onnx_session import OnnxSegmentor
 
     if args.set or args.preset or args.deform_attn_backend:
-        raise ValueError("vitadapter predict --onnx: the export fixes the model; --set/--preset/--deform-attn-backend do not apply")
+        raise ValueError(
+            "vitadapter predict --onnx: the export fixes the model; --set/--preset/--deform-attn-backend do not apply"
+        )
     runner = OnnxSegmentor(args.onnx)
     if args.name is not None and args.name != runner.entry:
         raise ValueError(f"{args.onnx[0]} is an export of {runner.entry!r}, not {args.name!r}")
@@ -174,7 +179,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument(
         "--out",
         help="also write the metrics (with per-class IoU/Acc) to this JSON file, and the class confusion "
-        "matrix beside it (<out>.confusion.csv and a heat map <out>.confusion.png)",
+        "matrix beside it (metrics.json: metrics.confusion.csv and the heat map metrics.confusion.png)",
     )
     evaluate.add_argument(
         "--precision",
@@ -184,6 +189,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "AugReg-T/B, fp32 otherwise; or force fp32/bf16/fp16",
     )
     evaluate.add_argument("--limit", type=int, help="only the first N validation images")
+    evaluate.add_argument(
+        "--tf32",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="TF32 convolutions and matmuls on CUDA, as the reference ran (default on; no effect on CPU)",
+    )
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
     evaluate.set_defaults(func=_evaluate)
     predict = subparsers.add_parser(

@@ -87,7 +87,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="input size (default: the evaluation crop, the sliding window); multiples of 32; a BEiT trunk "
         "takes only its img_size (its relative position tables fix it)",
     )
-    onnx.add_argument("--dynamic-batch", action="store_true", help="a free batch dimension (default: batch 1)")
+    onnx.add_argument(
+        "--dynamic-batch", action="store_true", help="a free batch dimension (default: batch 1)"
+    )
     onnx.add_argument("--opset", type=int, help="ONNX opset (default 18; GridSample needs 16 or newer)")
     onnx.add_argument(
         "--preset", choices=sorted(PRESETS), help="named overrides applied first (tiny: a CPU-sized model)"

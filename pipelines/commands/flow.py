@@ -12,7 +12,7 @@ import argparse
 import logging
 import os
 import tomllib
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 
 from pipelines.config.params import DEFAULT_PATHS
@@ -35,6 +35,18 @@ def _profile_sets_api_url(profiles_file: Path) -> bool:
     return bool(data.get("profiles", {}).get(active, {}).get("PREFECT_API_URL"))
 
 
+def prefect_server_configured(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether a Prefect server is configured: ``PREFECT_API_URL`` in the environment or in the active profile
+    (``PREFECT_PROFILES_PATH``, else ``$PREFECT_HOME/profiles.toml``, else ``~/.prefect/profiles.toml``)."""
+    if environ.get("PREFECT_API_URL"):
+        return True
+    if environ.get("PREFECT_PROFILES_PATH"):
+        return _profile_sets_api_url(Path(environ["PREFECT_PROFILES_PATH"]))
+    if environ.get("PREFECT_HOME"):
+        return _profile_sets_api_url(Path(environ["PREFECT_HOME"]) / "profiles.toml")
+    return _profile_sets_api_url(DEFAULT_PROFILES_FILE)
+
+
 def configure_prefect_environment(environ: MutableMapping[str, str] = os.environ) -> Path | None:
     """Environment for Prefect, set before prefect is imported.
 
@@ -51,6 +63,8 @@ def configure_prefect_environment(environ: MutableMapping[str, str] = os.environ
         ``PREFECT_HOME`` was not set.
     """
     environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # the project's log lines (training progress, evaluation) appear in the flow-run logs too
+    environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pipelines,models,data")
     environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", STARTUP_TIMEOUT_S)
     home = environ.get("PREFECT_HOME")
     if not home:

@@ -13,6 +13,15 @@ from pipelines.config.params import DEFAULT_PATHS
 log = logging.getLogger(__name__)
 
 
+PREFECT_OPTION = {
+    "choices": ("auto", "always", "never"),
+    "default": "auto",
+    "help": "run the stage as a Prefect flow run: auto (default) when a Prefect server is configured "
+    "(PREFECT_API_URL, or `prefect config set PREFECT_API_URL=...`), always (a temporary local server "
+    "without one), never",
+}
+
+
 def _params(args: argparse.Namespace):
     from pipelines.config.params import load_params
 
@@ -37,12 +46,21 @@ def _weights(args: argparse.Namespace) -> int:
     return _print(weights_stage(_params(args)))
 
 
+def _as_flow_run(args: argparse.Namespace) -> bool:
+    """``--prefect auto``: a flow run when a Prefect server is configured, the stage itself otherwise."""
+    if args.prefect != "auto":
+        return args.prefect == "always"
+    from pipelines.commands.flow import prefect_server_configured
+
+    return prefect_server_configured()
+
+
 def _train(args: argparse.Namespace) -> int:
     from pipelines.orchestration.stages import train_stage
 
     params = _params(args)
     params.run(args.run)  # an unknown run fails here, before any flow starts
-    if args.worker or args.no_prefect:  # torchrun's processes run the stage itself
+    if args.worker or not _as_flow_run(args):  # torchrun's processes run the stage itself
         result = train_stage(params, args.run, params_file=Path(args.params), worker=args.worker)
     else:
         from pipelines.commands.flow import run_stage_flow
@@ -56,7 +74,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     params = _params(args)
     params.run(args.run)
-    if args.no_prefect:
+    if not _as_flow_run(args):
         return _print(evaluate_stage(params, args.run, args.mode))
     from pipelines.commands.flow import run_stage_flow
 
@@ -131,17 +149,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train = add("train", _train, "train a run of params.yaml (resumes its run folder; torchrun for gpus > 1)")
     train.add_argument("run", help="a run listed under runs in params.yaml")
     train.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    train.add_argument(
-        "--no-prefect", action="store_true", help="run the stage directly, not as a Prefect flow run"
-    )
+    train.add_argument("--prefect", **PREFECT_OPTION)
     evaluate = add("evaluate", _evaluate, "evaluate a trained run and compare with its published number")
     evaluate.add_argument("run", help="a run listed under runs in params.yaml")
     evaluate.add_argument(
         "--mode", choices=("ss", "ms"), required=True, help="single-scale or multi-scale + flip"
     )
-    evaluate.add_argument(
-        "--no-prefect", action="store_true", help="run the stage directly, not as a Prefect flow run"
-    )
+    evaluate.add_argument("--prefect", **PREFECT_OPTION)
     add("report", _report, "write the comparison report and refresh the MLflow reference experiment")
     plots = add("plots", _plots, "dvc plots show with vega inlined, so the page renders offline")
     plots.add_argument(

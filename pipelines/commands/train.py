@@ -34,6 +34,7 @@ def _train(args: argparse.Namespace) -> int:
         runs_dir=runs_dir,
         device=args.device,
         progress=not args.no_progress,
+        preset=args.preset,
     )
     try:
         result = run_training(spec)

@@ -120,6 +120,8 @@ class EvalParams:
     # recipe: fp16 autocast on CUDA for the configs the reference evaluated that way (docs/reference.md §R2.6)
     precision: Literal["recipe", "fp32", "bf16", "fp16"] = "recipe"
     batch_windows: int = 4
+    # TF32 convolutions and matmuls on CUDA, as the reference ran (pipelines/engine/precision.py); no-op on CPU
+    tf32: bool = True
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,10 @@ still counts in the prediction area and the union. Counts are accumulated over t
 (and summed across ranks); then ``IoU_c = I_c / U_c``, ``Acc_c = I_c / label_c``,
 ``mIoU = nanmean(IoU)`` (classes with an empty union are skipped), ``mAcc = nanmean(Acc)``,
 ``aAcc = sum I / sum label``. Reported in percent.
+
+The class confusion matrix (label x prediction pixel counts) is accumulated in the same update; its
+diagonal, row sums and column sums are the intersection, label and prediction areas whenever every
+non-ignored label is a class id, so the mIoU computed from it is the reported one.
 """
 
 from __future__ import annotations

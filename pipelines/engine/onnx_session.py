@@ -61,7 +61,11 @@ class OnnxSegmentor:
     """
 
     def __init__(
-        self, paths: Sequence[str | Path], *, providers: Sequence[str] | None = None, threads: int | None = None
+        self,
+        paths: Sequence[str | Path],
+        *,
+        providers: Sequence[str] | None = None,
+        threads: int | None = None,
     ) -> None:
         import onnxruntime as ort
 

@@ -124,13 +124,20 @@ def plan_batch(
         per_process, accumulation, world_size, config.data.train.global_batch, bn_spans_processes
     )
     if plan.bn_group_size != plan.recipe_bn_group_size:
+        spans = (
+            "1 process"
+            if world_size == 1
+            else f"{world_size} processes (SyncBN)"
+            if bn_spans_processes
+            else "1 process (no SyncBN across processes here)"
+        )
         log.warning(
             "!!! BatchNorm normalises over %d images (%d per process x %s, %d accumulation step(s)); the "
             "reference's SyncBN normalises over %d (its global batch): results are not comparable with the "
             "reference; leave --batch-size unset to keep its groups",
             plan.bn_group_size,
             per_process,
-            f"{world_size} processes (SyncBN)" if bn_spans_processes else "1 process (no SyncBN here)",
+            spans,
             accumulation,
             plan.recipe_bn_group_size,
         )

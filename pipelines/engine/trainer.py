@@ -47,7 +47,7 @@ from pipelines.engine.optim import build_optimizer
 from pipelines.engine.plan import TrainPlan
 from pipelines.engine.precision import apply_tf32
 from pipelines.engine.schedule import apply_lr
-from pipelines.runs.folder import TRAIN_LOG, RunFolder
+from pipelines.runs.folder import EVAL_LOG, TRAIN_LOG, RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +127,32 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# the headline of a progress line; the per-term losses go to the JSON log and MLflow (and -v)
+PROGRESS_KEYS = ("loss", "lr", "time_per_iter", "images_per_s", "peak_memory_mb")
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def progress_line(done: int, total: int, start: int, run_start: float, values: dict[str, float]) -> str:
+    """``iter 120/400 (30%) | loss 1.234 | lr 2.00e-04 | eta 3m12s | 12.3 img/s | mem 812 MB``.
+
+    The ETA extrapolates the time per iteration of this process's run (since ``run_start`` at iteration
+    ``start``) over the iterations left.
+    """
+    elapsed = time.perf_counter() - run_start
+    per_iter = elapsed / max(done - start, 1)
+    return (
+        f"iter {done}/{total} ({100 * done // max(total, 1)}%) | loss {values.get('loss', float('nan')):.4f} | "
+        f"lr {values.get('lr', float('nan')):.2e} | eta {_duration(per_iter * (total - done))} | "
+        f"{values.get('images_per_s', 0.0):.1f} img/s | mem {values.get('peak_memory_mb', 0.0):.0f} MB"
+    )
 
 
 def micro_batch_seed(seed: int, iteration: int, virtual_rank: int) -> int:
@@ -271,7 +297,9 @@ class Trainer:
         name = signal.Signals(signum).name
         if self._stop_requested:  # a second Ctrl-C: the user wants out now, without a checkpoint
             raise KeyboardInterrupt(f"{name} again: stopping without a checkpoint")
-        log.warning("%s: finishing this iteration, writing a checkpoint and stopping (again: stop at once)", name)
+        log.warning(
+            "%s: finishing this iteration, writing a checkpoint and stopping (again: stop at once)", name
+        )
         self._stop_requested = True
         self._stop_signal = signum
 
@@ -362,6 +390,7 @@ class Trainer:
         )
         last_path: Path | None = None
         window_start, window_iters = time.perf_counter(), 0
+        run_start = window_start
         try:
             for iteration in range(start, self.max_iters):
                 lr = apply_lr(self.optimizer, iteration, self.plan.schedule, self.max_iters)
@@ -385,11 +414,11 @@ class Trainer:
                         self._append_log({"iteration": done, **values})
                     bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}")
                     if self.dist.is_main:
-                        log.info(
-                            "iter %d/%d %s",
+                        log.info("%s", progress_line(done, self.max_iters, start, run_start, values))
+                        log.debug(
+                            "iter %d loss terms: %s",
                             done,
-                            self.max_iters,
-                            " ".join(f"{k}={v:.4g}" for k, v in values.items()),
+                            " ".join(f"{k}={v:.4g}" for k, v in values.items() if k not in PROGRESS_KEYS),
                         )
                         for callback in self.callbacks:
                             callback.on_log(done, values)
@@ -424,7 +453,9 @@ class Trainer:
         path = self.plan.work_dir / TRAIN_LOG
         if not path.is_file():
             return
-        kept = [record for record in RunFolder(self.plan.work_dir).read_log() if record["iteration"] <= iteration]
+        kept = [
+            record for record in RunFolder(self.plan.work_dir).read_log() if record["iteration"] <= iteration
+        ]
         write_text_atomic(path, "".join(json.dumps(record) + "\n" for record in kept))
 
     def _best_path(self) -> Path | None:
@@ -441,6 +472,9 @@ class Trainer:
             )
             for callback in self.callbacks:
                 callback.on_eval(iteration, metrics)
+            with (self.plan.work_dir / EVAL_LOG).open("a") as handle:
+                summary = {k: metrics[k] for k in ("mIoU", "aAcc", "mAcc") if k in metrics}
+                handle.write(json.dumps({"iteration": iteration, **summary}) + "\n")
         if best is None or miou > best:
             best = miou
             if self.dist.is_main:

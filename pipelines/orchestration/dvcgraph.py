@@ -77,7 +77,7 @@ def build_dvc_graph(
     stages["weights"] = {
         "cmd": f"vitadapter pipeline weights --params {params_file}",
         "params": [{params_file: [*weight_keys, "paths.weights"]}],
-        "metrics": [_metric(metrics / "weights.json")],
+        "outs": [_metric(metrics / "weights.json")],  # file names and checksums: not numbers
     }
     eval_metrics: list[str] = []
     for name in params.run_order():
@@ -99,7 +99,23 @@ def build_dvc_graph(
                         "y": "loss",
                         "title": f"{name}: training loss",
                     }
-                }
+                },
+                {
+                    str(params.metrics_dir(name) / "lr_curve.json"): {
+                        "cache": False,
+                        "x": "iteration",
+                        "y": "lr",
+                        "title": f"{name}: learning rate",
+                    }
+                },
+                {
+                    str(params.metrics_dir(name) / "val_curve.json"): {
+                        "cache": False,
+                        "x": "iteration",
+                        "y": "mIoU",
+                        "title": f"{name}: validation mIoU (single-scale)",
+                    }
+                },
             ],
         }
         for mode in run.eval.modes:

@@ -225,9 +225,12 @@ def _export_flow_run_id() -> None:
         os.environ[stages.FLOW_RUN_ENV] = flow_run_id
 
 
-def _train_and_evaluate(params: Params, params_file: str, run: str) -> None:
+def _train_and_evaluate(params: Params, params_file: str, run: str, *, position: str = "") -> None:
+    logger = get_run_logger()
+    logger.info("%strain %s", position, run)
     train_task(params_file, run)
     for mode in params.run(run).eval.modes:
+        logger.info("%sevaluate %s %s", position, run, mode)
         evaluate_task(params_file, run, mode)
 
 
@@ -301,8 +304,8 @@ def two_stage_flow(run: str, params_file: str = "params.yaml") -> list[dict[str,
     for dataset in dict.fromkeys(params.run(name).dataset for name in chain):
         prepare_task(params_file, dataset)
     weights_task(params_file, chain)
-    for name in chain:
-        _train_and_evaluate(params, params_file, name)
+    for number, name in enumerate(chain, 1):
+        _train_and_evaluate(params, params_file, name, position=f"run {number} of {len(chain)}: ")
     return compare_task(params_file, chain, artifact_key("two-stage", run))
 
 
@@ -322,8 +325,8 @@ def pipeline_flow(params_file: str = "params.yaml") -> dict[str, Any]:
         prepare_task(params_file, dataset)
     order = params.run_order()
     weights_task(params_file, order)
-    for name in order:
-        _train_and_evaluate(params, params_file, name)
+    for number, name in enumerate(order, 1):
+        _train_and_evaluate(params, params_file, name, position=f"run {number} of {len(order)}: ")
     summary = report_task(params_file)
     compare_task(params_file, order, artifact_key("pipeline"))
     return summary

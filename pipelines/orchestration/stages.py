@@ -30,6 +30,7 @@ from pipelines.reporting.report import report_markdown, report_rows
 from pipelines.runs import evaluation as evaluation_module
 from pipelines.runs.evaluation import backends_label
 from pipelines.runs.folder import RunFolder, signature_of
+from pipelines.runs.recipe_diff import read_diff
 from pipelines.runs.training import RunSpec
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ def prepare_stage(params: Params, dataset: str) -> dict[str, Any]:
         },
         "reused": report.reused,
     }
-    write_json(Path(params.paths.metrics) / "data" / f"{dataset}.json", summary)
+    write_record(params, f"data/{dataset}.json", summary)
     return summary
 
 
@@ -135,6 +136,7 @@ def run_spec(params: Params, name: str) -> RunSpec:
         runs_dir=Path(params.paths.runs),
         device="auto" if run.gpus else "cpu",
         progress=sys.stderr.isatty(),
+        preset=run.preset,
     )
 
 
@@ -185,11 +187,15 @@ def train_stage(
 
     spec = run_spec(params, name)
     dist_info = init_distributed(spec.device)
+    folder = RunFolder(params.run_dir(name))
     if dist_info.is_main:
-        folder = RunFolder(params.run_dir(name))
         with folder.exclusive():  # never move a folder another process is training in
             folder.prepare_for(run_signature(params, name), run=name)
     barrier()
+    finished = finished_training(params, name, spec)
+    if finished is not None:  # a rerun of a finished run: no new MLflow run, no rewritten metrics
+        log.info("run %s is finished (%s): nothing to train", name, folder.path)
+        return finished
     tracker = (
         Tracker(params.tracking, fallback_dir=Path(params.paths.tracking_fallback))
         if dist_info.is_main
@@ -215,32 +221,98 @@ def train_stage(
     backend = backends_label(cuda_ops.usage_since(before))
     if tracker is not None:
         tracker.log_params({"deform_attn_backend": backend})
+        diff = _training_diff(params, name)
+        if diff is not None:
+            tracker.log_recipe_diff(diff)
         weights = result.best_checkpoint or result.last_checkpoint
         if weights is not None:  # the MLflow model (pyfunc), registered under the zoo entry's name
             tracker.log_model(checkpoint=Path(weights), config=spec.config(), overrides=spec.overrides)
         tracker.end_run()
     if not dist_info.is_main:
         return {}
+    diff = _training_diff(params, name)
     summary = {
         "run": name,
         "config": run.config,
+        "comparable_to_published": None if diff is None else diff["comparable"],
+        "recipe_deviations": None if diff is None else [d["key"] for d in diff["deviations"]],
         "iterations": result.iterations,
         "best_miou": result.best_miou,
         "deform_attn_backend": backend,
         "last_checkpoint": str(result.last_checkpoint) if result.last_checkpoint else None,
         "best_checkpoint": str(result.best_checkpoint) if result.best_checkpoint else None,
         "final": dict(result.history[-1]) if result.history else {},
+        "final_loss": result.history[-1].get("loss") if result.history else None,
     }
-    write_json(params.metrics_dir(name) / "train_curve.json", RunFolder(params.run_dir(name)).read_log())
-    write_json(params.metrics_dir(name) / "train.json", summary)
+    write_curves(params, name)
+    write_record(params, f"{name}/train.json", summary)
     if tracker is not None:
         tracker.log_run_files(params.run_dir(name))
     return summary
 
 
+def finished_training(params: Params, name: str, spec: RunSpec) -> dict[str, Any] | None:
+    """The summary of run ``name`` when its folder (of the present definition) already reached its
+    iterations and the summary was written; None when there is training to do."""
+    summary = read_train_summary(params, name)
+    latest = RunFolder(params.run_dir(name)).latest_iteration()
+    planned = spec.knobs.max_iters or spec.config().schedule.max_iters
+    if not summary or latest is None or latest < planned or summary.get("iterations") != latest:
+        return None
+    return summary
+
+
+def _training_diff(params: Params, name: str) -> dict[str, Any] | None:
+    """The recipe diff the training of run ``name`` recorded in its run folder (None before training)."""
+    diff = read_diff(params.run_dir(name))
+    return None if diff is None else diff.to_dict()
+
+
 def read_train_summary(params: Params, name: str) -> dict[str, Any]:
-    path = params.metrics_dir(name) / "train.json"
+    return read_record(params, f"{name}/train.json")
+
+
+# -- metric files: numbers for DVC, the whole records beside the reports -------------------------------
+
+
+def write_record(params: Params, relative: str, record: dict[str, Any]) -> None:
+    """The numbers of ``record`` to ``<metrics>/<relative>`` (what ``dvc metrics`` shows: few, numeric columns),
+    the whole record (names, paths, checksums) to ``<reports>/records/<relative>``."""
+    numbers = {
+        key: value
+        for key, value in record.items()
+        if isinstance(value, int | float) and not isinstance(value, bool)
+    }
+    numbers.update(
+        {
+            f"{key}_{split}": count
+            for key, value in record.items()
+            if key == "counts" and isinstance(value, dict)
+            for split, count in value.items()
+        }
+    )
+    write_json(Path(params.paths.reports) / "records" / relative, record)
+    write_json(Path(params.paths.metrics) / relative, numbers)
+
+
+def read_record(params: Params, relative: str) -> dict[str, Any]:
+    """The whole record :func:`write_record` wrote (empty when there is none)."""
+    path = Path(params.paths.reports) / "records" / relative
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def write_curves(params: Params, name: str) -> None:
+    """The training log as DVC plots: the loss and lr by iteration, and the validation mIoU by iteration."""
+    records = RunFolder(params.run_dir(name)).read_log()
+    losses = [{"iteration": r["iteration"], "loss": r["loss"]} for r in records if "loss" in r]
+    rates = [{"iteration": r["iteration"], "lr": r["lr"]} for r in records if "lr" in r]
+    write_json(params.metrics_dir(name) / "train_curve.json", losses)
+    write_json(params.metrics_dir(name) / "lr_curve.json", rates)
+    validation = [
+        {"iteration": r["iteration"], "mIoU": r["mIoU"]}
+        for r in RunFolder(params.run_dir(name)).read_eval_log()
+    ]
+    write_json(params.metrics_dir(name) / "val_curve.json", validation)
 
 
 # -- evaluate ---------------------------------------------------------------------------------------
@@ -258,10 +330,30 @@ def evaluate_stage(params: Params, name: str, mode: str) -> dict[str, Any]:
         raise ParamsError(f"params.yaml: runs.{name}.eval.modes does not include {mode!r}")
     dist_info = init_distributed("auto" if run.gpus else "cpu")
     checkpoint = RunFolder(params.run_dir(name)).checkpoint(run.eval.checkpoint)
+    reports = Path(params.paths.reports) / name
+    stamp = checkpoint.stat()
+    fingerprint = signature_of(
+        {
+            "checkpoint": [str(checkpoint), stamp.st_size, stamp.st_mtime_ns],
+            "eval": asdict(run.eval),
+            "mode": mode,
+            "definition": params.training_definition(name),
+        }
+    )
+    fingerprint_file = reports / f"eval_{mode}.fingerprint"
+    metrics_file = params.metrics_dir(name) / f"eval_{mode}.json"
+    if (
+        metrics_file.is_file()
+        and fingerprint_file.is_file()
+        and fingerprint_file.read_text().strip() == fingerprint
+    ):
+        log.info(
+            "run %s was evaluated (%s) with this checkpoint and these settings: nothing to do", name, mode
+        )
+        return read_record(params, f"{name}/eval_{mode}.json")
     model, config, _ = model_from_checkpoint(
         run.config, checkpoint, run.model_overrides(), device=dist_info.device
     )
-    reports = Path(params.paths.reports) / name
     evaluation = evaluation_module.evaluate_model(
         model,
         config,
@@ -273,9 +365,11 @@ def evaluate_stage(params: Params, name: str, mode: str) -> dict[str, Any]:
         limit=run.eval.limit,
         progress=sys.stderr.isatty(),
         overlays_dir=reports / f"overlays_{mode}",
+        tf32=run.eval.tf32,
+        training_diff=_training_diff(params, name),
     )
     result = {"run": name, "checkpoint": str(checkpoint), **evaluation.summary()}
-    write_json(params.metrics_dir(name) / f"eval_{mode}.json", result)
+    write_record(params, f"{name}/eval_{mode}.json", result)
     write_json(reports / f"per_class_{mode}.json", evaluation.per_class)
     confusion_files = write_confusion(
         evaluation.confusion,
@@ -293,6 +387,7 @@ def evaluate_stage(params: Params, name: str, mode: str) -> dict[str, Any]:
         tags=_tags(params, name, run, stage=f"evaluate@{name}-{mode}"),
         confusion_files=confusion_files,
     )
+    write_text_atomic(fingerprint_file, fingerprint + "\n")  # after the records: a crash before re-evaluates
     return result
 
 
@@ -314,7 +409,11 @@ def report_stage(params: Params) -> dict[str, Any]:
         )
     write_text_atomic(report, text)
     summary = {"rows": rows, "report": str(report)}
-    write_json(Path(params.paths.metrics) / "report.json", summary)
+    write_json(Path(params.paths.reports) / "records" / "report.json", summary)
+    write_json(
+        Path(params.paths.metrics) / "report.json",
+        {"rows": len(rows), "evaluated": sum(row["miou"] is not None for row in rows)},
+    )
     tracker = Tracker(params.tracking, fallback_dir=Path(params.paths.tracking_fallback))
     tracker.sync_reference_experiment()
     tracker.log_report(report, rows)
@@ -335,8 +434,7 @@ def git_commit() -> str | None:
 
 
 def _tags(params: Params, name: str, run: RunParams, *, stage: str) -> dict[str, str]:
-    data_summary = Path(params.paths.metrics) / "data" / f"{run.dataset}.json"
-    index_sha = json.loads(data_summary.read_text())["index_sha256"] if data_summary.is_file() else ""
+    index_sha = read_record(params, f"data/{run.dataset}.json").get("index_sha256", "")
     tags = {
         "vitadapter.run": name,
         "vitadapter.zoo_entry": run.config,

@@ -34,8 +34,8 @@ def top_confused_pairs(
     """The off-diagonal cells with the most pixels, most first.
 
     Returns:
-        ``{"label", "predicted", "pixels", "share"}`` per pair; ``share`` is the fraction of the label's
-        pixels predicted as that class.
+        ``{"label", "predicted", "label_id", "predicted_id", "pixels", "share"}`` per pair; ``share`` is the
+        fraction of the label's pixels predicted as that class.
     """
     shares = normalise_rows(confusion)
     off = confusion.astype(np.int64).copy()
@@ -50,6 +50,8 @@ def top_confused_pairs(
             {
                 "label": str(class_names[i]).strip(),
                 "predicted": str(class_names[j]).strip(),
+                "label_id": i,
+                "predicted_id": j,
                 "pixels": int(off[i, j]),
                 "share": float(shares[i, j]),
             }
@@ -79,7 +81,9 @@ def confusion_figure(confusion: np.ndarray, class_names: Sequence[str], *, title
     FigureCanvasAgg(figure)
     grid = figure.add_gridspec(1, 2, width_ratios=(1.35, 1))
     heat = figure.add_subplot(grid[0, 0])
-    image = heat.imshow(normalise_rows(confusion), cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+    image = heat.imshow(
+        normalise_rows(confusion), cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest"
+    )
     figure.colorbar(image, ax=heat, fraction=0.046, pad=0.02, label="share of the label's pixels")
     if num_classes <= NAMED_TICKS_MAX:
         heat.set_xticks(range(num_classes), names, rotation=90, fontsize=7)
@@ -90,14 +94,16 @@ def confusion_figure(confusion: np.ndarray, class_names: Sequence[str], *, title
     listing = figure.add_subplot(grid[0, 1])
     listing.axis("off")
     pairs = top_confused_pairs(confusion, names)
-    lines = [f"most confused pairs (of {int(confusion.sum()):,} labelled pixels)", ""]
+    lines = [f"most confused pairs, by pixels (of {int(confusion.sum()):,} labelled pixels)", ""]
+    lines.append("     label -> predicted: share of the label's pixels")
     lines += [
-        f"{k:2d}. {p['label'][:22]} -> {p['predicted'][:22]}: {100 * p['share']:.1f}% ({p['pixels']:,} px)"
+        f"{k:2d}. {p['label_id']:>3} {p['label'][:20]} -> {p['predicted_id']:>3} {p['predicted'][:20]}: "
+        f"{100 * p['share']:.1f}% ({p['pixels']:,} px)"
         for k, p in enumerate(pairs, start=1)
     ]
     if not pairs:
         lines.append("(none: every labelled pixel is predicted as its label)")
-    listing.text(0.0, 1.0, "\n".join(lines), va="top", ha="left", family="monospace", fontsize=8.5)
+    listing.text(0.0, 1.0, "\n".join(lines), va="top", ha="left", family="monospace", fontsize=9)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     return buffer.getvalue()

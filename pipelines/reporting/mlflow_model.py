@@ -27,7 +27,6 @@ import binascii
 import json
 import logging
 import tempfile
-import warnings
 from importlib import metadata as package_metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,7 +48,16 @@ MODEL_ARTIFACT = "model"
 INFO_FILE = "model_info.json"
 # the packages the pyfunc imports; the serving environment also needs this project installed (it is the
 # venv itself with --env-manager local)
-_REQUIREMENTS = ("torch", "torchvision", "timm", "numpy", "scipy", "opencv-python-headless", "pyyaml", "mlflow")
+_REQUIREMENTS = (
+    "torch",
+    "torchvision",
+    "timm",
+    "numpy",
+    "scipy",
+    "opencv-python-headless",
+    "pyyaml",
+    "mlflow",
+)
 EXAMPLE_SIZE = (48, 64)
 
 
@@ -73,8 +81,9 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
         )
         self._segment = Segmenter(model, config, device=device)
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> Any:
-        """Class-index maps of ``model_input`` (one image, a batch, or base64 PNG/JPEG strings)."""
+    def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> Any:
+        """Class-index maps of ``model_input`` (one image, a batch, or base64 PNG/JPEG strings; no annotation:
+        MLflow would try to derive a schema from it when saving)."""
         images, single = decode_images(model_input)
         maps = [self._segment(image).astype(np.int64) for image in images]
         if single:
@@ -198,17 +207,15 @@ def save_segmentation_model(
         info_file.write_text(json.dumps(info, indent=1))
         # a signature only to check the example when saving; removed below (see the module docstring)
         check = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, 3))]))
-        with warnings.catch_warnings():  # MLflow's note that `Any` gives no schema (that is the point here)
-            warnings.simplefilter("ignore", UserWarning)
-            mlflow.pyfunc.save_model(
+        mlflow.pyfunc.save_model(
             str(path),
-                python_model=SegmentationModel(),
-                artifacts={"checkpoint": str(checkpoint), "model_info": str(info_file)},
-                input_example=example_image(),
-                signature=check,
-                pip_requirements=_requirements(),
-                metadata={k: v for k, v in info.items() if k not in ("input", "output")},
-            )
+            python_model=SegmentationModel(),
+            artifacts={"checkpoint": str(checkpoint), "model_info": str(info_file)},
+            input_example=example_image(),
+            signature=check,
+            pip_requirements=_requirements(),
+            metadata={k: v for k, v in info.items() if k not in ("input", "output")},
+        )
     model = Model.load(str(path))
     model.signature = None
     model.save(str(Path(path) / "MLmodel"))
@@ -241,7 +248,11 @@ def log_segmentation_model(
             Path(scratch) / MODEL_ARTIFACT, checkpoint=checkpoint, config=config, overrides=overrides
         )
         client.log_artifacts(run_id, str(folder), MODEL_ARTIFACT)
-    result: dict[str, Any] = {"model_uri": f"runs:/{run_id}/{MODEL_ARTIFACT}", "registered": None, "version": None}
+    result: dict[str, Any] = {
+        "model_uri": f"runs:/{run_id}/{MODEL_ARTIFACT}",
+        "registered": None,
+        "version": None,
+    }
     if not register:
         return result
     source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{MODEL_ARTIFACT}"

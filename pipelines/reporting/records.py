@@ -6,7 +6,9 @@ has the resolved config as flattened params (``backbone.trunk.embed_dim``), the 
 ``run.``, metrics by step (``train/<loss term>``, ``train/lr``, ``time_per_iter``, ``images_per_s``,
 ``peak_memory_mb``, ``val/mIoU``, ``val/aAcc``, ``val/mAcc``, ``system/*``), ``published_ss_mIoU`` /
 ``published_ms_mIoU`` / ``published_params_M``, after evaluation ``<mode>_mIoU`` / ``<mode>_delta_mIoU``,
-the deformable-attention backend that ran (param ``deform_attn_backend``), and its files. The reference
+the deformable-attention backend that ran (param ``deform_attn_backend``), its recipe diff (artifact
+``recipe_diff.json``, metric ``recipe_deviations``, tag ``comparable_to_published``; evaluation runs too), and
+its files. The reference
 experiment holds one run per published row (named after the zoo entry) with ``ss_mIoU``, ``ms_mIoU``,
 ``params_M``: the metric names of our runs, side by side.
 """
@@ -27,6 +29,11 @@ import models
 if TYPE_CHECKING:
     from pipelines.reporting.tracking import Tracker
 
+# what makes the MLflow 3 UI open an experiment on its model-training views (runs table, charts)
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+# the run description the UI shows on a run page
+DESCRIPTION_TAG = "mlflow.note.content"
 TAG_RUN = "vitadapter.run"
 # on a run re-opened in the fallback store: "<server uri>#<run id there>"
 TAG_FAILED_OVER_FROM = "vitadapter.failed_over_from"
@@ -45,6 +52,9 @@ FALLBACK_DB = "mlflow-fallback.db"
 FALLBACK_ARTIFACTS = "mlflow-fallback-artifacts"
 TRAIN_FILES = ("config.json", "key_report.json", "train_log.jsonl")
 CURVE_ARTIFACT = "training_curve.png"
+RECIPE_DIFF_ARTIFACT = "recipe_diff.json"  # pipelines.runs.recipe_diff, on training and evaluation runs
+TAG_COMPARABLE = "comparable_to_published"  # "true" when the run's recipe diff has no deviation
+HEADLINE_KEYS = frozenset({"loss", "lr"})
 PERF_KEYS = frozenset({"time_per_iter", "images_per_s", "peak_memory_mb"})
 VAL_KEYS = ("mIoU", "aAcc", "mAcc")
 # MLflow 3's limits on one param / tag value; longer values are clipped (config.json keeps them whole)
@@ -99,6 +109,18 @@ def _schedule(iterations: int) -> str:
     return f"{iterations // 1000}k" if iterations % 1000 == 0 else str(iterations)
 
 
+def row_tags(config: Any, *, iterations: int | None = None) -> dict[str, str]:
+    """The tags a published row and our runs share (one vocabulary: filter and group both alike in the UI)."""
+    crop = config.data.train.crop_size
+    return {
+        "dataset": config.data.dataset,
+        "head": config.head,
+        "crop": f"{crop[0]}x{crop[1]}",
+        "schedule": _schedule(iterations or config.schedule.max_iters),
+        "pretrained": config.pretrained.name,
+    }
+
+
 def reference_rows() -> dict[str, tuple[dict[str, float], dict[str, str], dict[str, str]]]:
     """(metrics, params, tags) of each published row: the seed table's entries and the COCO-Stuff stages."""
     configs = {name: models.get_config(name) for name in models.list_configs()}
@@ -114,15 +136,10 @@ def reference_rows() -> dict[str, tuple[dict[str, float], dict[str, str], dict[s
         metrics = finite(
             {"ss_mIoU": published.miou_ss, "ms_mIoU": published.miou_ms, "params_M": published.params_m}
         )
-        crop = config.data.train.crop_size
         tags = {
             TAG_KIND: KIND_REFERENCE,
             TAG_ZOO: name,
-            "dataset": config.data.dataset,
-            "head": config.head,
-            "crop": f"{crop[0]}x{crop[1]}",
-            "schedule": _schedule(config.schedule.max_iters),
-            "pretrained": config.pretrained.name,
+            **row_tags(config),
             "row": "stage" if name in stage_of else "seed_table",
         }
         if name in stage_of:
@@ -135,7 +152,7 @@ def reference_rows() -> dict[str, tuple[dict[str, float], dict[str, str], dict[s
 
 
 def training_curve(log_file: Path) -> Any:
-    """A matplotlib figure of the loss terms and the learning rate of ``train_log.jsonl`` (None if empty)."""
+    """A matplotlib figure of the total loss and the learning rate of ``train_log.jsonl`` (None if empty)."""
     if not log_file.is_file():
         return None
     records = [json.loads(line) for line in log_file.read_text().splitlines() if line.strip()]
@@ -143,16 +160,15 @@ def training_curve(log_file: Path) -> Any:
         return None
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure state
 
+    records = [record for record in records if "loss" in record]
     iterations = [record["iteration"] for record in records]
-    losses = [key for key in records[0] if "loss" in key]
     figure = Figure(figsize=(9, 3.5), layout="constrained")
     loss_axes, lr_axes = figure.subplots(1, 2)
-    for key in losses:
-        loss_axes.plot(iterations, [record.get(key) for record in records], label=key)
-    loss_axes.set(xlabel="iteration", ylabel="loss", title="training loss")
-    if losses:
-        loss_axes.legend(fontsize="small")
-    lr_axes.plot(iterations, [record.get("lr") for record in records])
+    # the total loss only: the per-term losses (30 for Mask2Former) are MLflow metrics under loss_terms/
+    loss_axes.plot(iterations, [record["loss"] for record in records], color="tab:blue")
+    loss_axes.set(xlabel="iteration", ylabel="total loss", title="training loss")
+    loss_axes.grid(alpha=0.3)
+    lr_axes.plot(iterations, [record.get("lr") for record in records], color="tab:orange")
     lr_axes.set(xlabel="iteration", ylabel="learning rate", title="learning rate")
     return figure
 
@@ -180,8 +196,16 @@ class TrainingCallback:
         self.tracker = tracker
 
     def on_log(self, iteration: int, values: dict[str, float]) -> None:
-        """Loss terms and lr as ``train/<key>``; throughput and memory keys unprefixed; at step ``iteration``."""
-        named = {key if key in PERF_KEYS else f"train/{key}": value for key, value in values.items()}
+        """Total loss and lr as ``train/loss``, ``train/lr`` (charted first), every per-term loss under one
+        prefix ``loss_terms/<key>``, throughput and memory unprefixed; at step ``iteration``."""
+        named = {
+            key
+            if key in PERF_KEYS
+            else f"train/{key}"
+            if key in HEADLINE_KEYS
+            else f"loss_terms/{key}": value
+            for key, value in values.items()
+        }
         self.tracker.log_metrics(named, step=iteration)
 
     def on_eval(self, iteration: int, metrics: dict[str, Any]) -> None:

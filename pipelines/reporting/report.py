@@ -1,8 +1,14 @@
-"""The comparison report: every evaluated run and mode against the published number of its zoo entry."""
+"""The comparison report: every evaluated run and mode against the published number of its zoo entry.
+
+Whether a row is comparable with the published number comes from the evaluation's recipe diff
+(:mod:`pipelines.runs.recipe_diff`: the training's and the evaluation's deviations from the published row),
+which the note column names.
+"""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from pipelines.config.params import Params
@@ -14,8 +20,8 @@ def report_rows(params: Params) -> list[dict[str, Any]]:
     for name, run in params.runs.items():
         config = run.model_config()
         for mode in run.eval.modes:
-            path = params.metrics_dir(name) / f"eval_{mode}.json"
-            ours = json.loads(path.read_text()) if path.is_file() else None
+            ours = _evaluation_record(params, name, mode)
+            diff = (ours or {}).get("recipe_diff")
             rows.append(
                 {
                     "run": name,
@@ -28,9 +34,32 @@ def report_rows(params: Params) -> list[dict[str, Any]]:
                     "params_published_m": config.published.params_m,
                     "overrides": bool(run.overrides or run.preset),
                     "extension": config.published.extension,
+                    "comparable": None if diff is None else bool(diff["comparable"]),
+                    "deviations": None if diff is None else [d["key"] for d in diff["deviations"]],
                 }
             )
     return rows
+
+
+def _evaluation_record(params: Params, name: str, mode: str) -> dict[str, Any] | None:
+    """The whole evaluation record (with its recipe diff), else the metrics file, else None."""
+    for path in (
+        Path(params.paths.reports) / "records" / name / f"eval_{mode}.json",
+        params.metrics_dir(name) / f"eval_{mode}.json",
+    ):
+        if path.is_file():
+            return json.loads(path.read_text())
+    return None
+
+
+def _note(row: dict[str, Any]) -> str:
+    if row.get("extension"):
+        return "extension entry: nothing published to compare with"
+    if row.get("comparable") is None:  # not evaluated yet, or before recipe diffs were recorded
+        return "modified config (preset/overrides): not comparable" if row["overrides"] else ""
+    if row["comparable"]:
+        return "comparable"
+    return "not comparable: " + ", ".join(row["deviations"])
 
 
 def report_markdown(rows: list[dict[str, Any]]) -> str:
@@ -42,15 +71,12 @@ def report_markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
         "# ViT-Adapter runs against the published table",
         "",
-        "| run | zoo entry | mode | mIoU (ours) | mIoU (published) | delta | note |",
+        "| run | zoo entry | mode | mIoU (ours) | mIoU (published) | delta | comparable |",
         "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        note = "modified config (preset/overrides): not comparable" if row["overrides"] else ""
-        if row.get("extension"):
-            note = "; ".join(filter(None, ["extension entry: nothing published to compare with", note]))
         lines.append(
             f"| {row['run']} | {row['config']} | {row['mode'].upper()} | {fmt(row['miou'])} | "
-            f"{fmt(row['published_miou'])} | {fmt(row['delta_miou'])} | {note} |"
+            f"{fmt(row['published_miou'])} | {fmt(row['delta_miou'])} | {_note(row)} |"
         )
     return "\n".join(lines) + "\n"

@@ -15,17 +15,16 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import logging
-import os
-import sys
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from pipelines.config.params import RunParams, Tracking
+from pipelines.reporting.mlflow_store import MlflowStore, configure_mlflow, is_unreachable, record_diff
 from pipelines.reporting.records import (
     CURVE_ARTIFACT,
+    DESCRIPTION_TAG,
     FALLBACK_ARTIFACTS,
     FALLBACK_DB,
     KIND_CHAIN,
@@ -33,7 +32,6 @@ from pipelines.reporting.records import (
     KIND_REFERENCE,
     KIND_REPORT,
     KIND_TRAIN,
-    MAX_TAG_VALUE,
     PARENT_TAG,
     TAG_CHAIN,
     TAG_FAILED_OVER_FROM,
@@ -42,19 +40,15 @@ from pipelines.reporting.records import (
     TAG_RUN,
     TAG_ZOO,
     TRAIN_FILES,
-    clip,
     evaluation_metrics,
     final_status,
-    finite,
     flatten_params,
-    metric_name,
-    quote,
     reference_rows,
+    row_tags,
     training_curve,
 )
 
 if TYPE_CHECKING:
-    from mlflow import MlflowClient
     from mlflow.entities import Run
 
     from models.config import SegmentorConfig
@@ -62,123 +56,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# MLflow error codes that say the request was wrong, not that the store is unreachable
-_REQUEST_ERRORS = frozenset(
-    {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST"}
-)
 # tracking URIs found unreachable in this process: every later Tracker logs to its fallback at once
 _UNREACHABLE: set[str] = set()
-
-
-def _configure_mlflow(settings: Tracking) -> None:
-    """Bound HTTP waits and disable telemetry; must run before the first MLflow call."""
-    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(settings.timeout_s)
-    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(settings.max_retries)
-    if "MLFLOW_DISABLE_TELEMETRY" not in os.environ:  # an explicit choice of the user stands
-        os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
-        if "mlflow" in sys.modules:  # imported before this call: its telemetry client already started
-            from mlflow.telemetry import set_telemetry_client
-
-            set_telemetry_client()
-
-
-def _is_unreachable(err: Exception) -> bool:
-    """Whether ``err`` means the store cannot be used (connection, server, database), not a bad request."""
-    import requests
-    from mlflow.exceptions import MlflowException
-    from sqlalchemy.exc import SQLAlchemyError  # the database behind a sqlite:// store
-
-    if isinstance(err, MlflowException):
-        return err.error_code not in _REQUEST_ERRORS
-    return isinstance(err, requests.RequestException | OSError | SQLAlchemyError)
-
-
-class _Store:
-    """One tracking store: a client bound to its URI and the experiment ids resolved on it."""
-
-    def __init__(self, uri: str, *, artifact_root: Path | None = None) -> None:
-        from mlflow import MlflowClient
-
-        self.uri = uri
-        self.client: MlflowClient = MlflowClient(tracking_uri=uri)
-        self._artifact_root = artifact_root
-        self._experiments: dict[str, str] = {}
-
-    def experiment_id(self, name: str) -> str:
-        """The id of experiment ``name``, created (or restored from deletion) when needed."""
-        from mlflow.exceptions import MlflowException
-
-        if name in self._experiments:
-            return self._experiments[name]
-        experiment = self.client.get_experiment_by_name(name)
-        if experiment is None:
-            location = (
-                None if self._artifact_root is None else (self._artifact_root / name).resolve().as_uri()
-            )
-            try:
-                experiment_id = self.client.create_experiment(name, artifact_location=location)
-            except MlflowException as err:  # created meanwhile by another process
-                if err.error_code != "RESOURCE_ALREADY_EXISTS":
-                    raise
-                experiment_id = self.client.get_experiment_by_name(name).experiment_id
-        else:
-            experiment_id = experiment.experiment_id
-            if experiment.lifecycle_stage == "deleted":
-                self.client.restore_experiment(experiment_id)
-        self._experiments[name] = experiment_id
-        return experiment_id
-
-    def find_runs(
-        self, experiment: str, tags: Mapping[str, str], *, max_results: int = 1000, newest_first: bool = True
-    ) -> list[Run]:
-        """Active runs of ``experiment`` carrying all ``tags``."""
-        query = " AND ".join(f"tags.`{key}` = {quote(value)}" for key, value in tags.items())
-        order = "DESC" if newest_first else "ASC"
-        return list(
-            self.client.search_runs(
-                [self.experiment_id(experiment)],
-                query,
-                max_results=max_results,
-                order_by=[f"attributes.start_time {order}"],
-            )
-        )
-
-    def create_run(
-        self, experiment: str, name: str, tags: Mapping[str, str], *, finished: bool = False
-    ) -> str:
-        tags = {key: clip(str(value), MAX_TAG_VALUE) for key, value in tags.items()}
-        run_id = self.client.create_run(self.experiment_id(experiment), tags=tags, run_name=name).info.run_id
-        if finished:
-            self.client.set_terminated(run_id, "FINISHED")
-        return run_id
-
-    def find_or_create(
-        self, experiment: str, name: str, tags: Mapping[str, str], *, oldest: bool = False
-    ) -> str:
-        """The newest (oldest) run carrying ``tags``, or a new finished one named ``name``."""
-        found = self.find_runs(experiment, tags, max_results=1, newest_first=not oldest)
-        return found[0].info.run_id if found else self.create_run(experiment, name, tags, finished=True)
-
-    def log(
-        self,
-        run_id: str,
-        *,
-        metrics: Mapping[str, float] | None = None,
-        step: int = 0,
-        params: Mapping[str, str] | None = None,
-        tags: Mapping[str, str] | None = None,
-    ) -> None:
-        """One ``log_batch`` (MLflow splits it into requests within its batch limits)."""
-        from mlflow.entities import Metric, Param, RunTag
-
-        now = int(time.time() * 1000)
-        batch = {
-            "metrics": [Metric(metric_name(k), v, now, step) for k, v in finite(metrics or {}).items()],
-            "params": [Param(k, v) for k, v in (params or {}).items()],
-            "tags": [RunTag(k, clip(str(v), MAX_TAG_VALUE)) for k, v in (tags or {}).items()],
-        }
-        if any(batch.values()):
-            self.client.log_batch(run_id, **batch)
 
 
 @dataclass(frozen=True)
@@ -203,14 +82,14 @@ class Tracker:
     def __init__(self, settings: Tracking, *, fallback_dir: Path) -> None:
         self.settings = settings
         self.fallback_dir = Path(fallback_dir)
-        self._store: _Store | None = None
+        self._store: MlflowStore | None = None
         self._on_fallback = False
         self._training: _TrainingRun | None = None
         self._run_name: str | None = None
         self._run_id: str | None = None
         self._monitor: Any = None
         if settings.enabled:
-            _configure_mlflow(settings)
+            configure_mlflow(settings)
 
     @property
     def fallback_uri(self) -> str:
@@ -228,14 +107,14 @@ class Tracker:
 
     # -- store selection and fallback -----------------------------------------------------------------
 
-    def _current(self) -> _Store:
+    def _current(self) -> MlflowStore:
         if self._store is None:
             if self.settings.uri in _UNREACHABLE:
                 return self._use_fallback(None)
-            self._store = _Store(self.settings.uri)
+            self._store = MlflowStore(self.settings.uri)
         return self._store
 
-    def _use_fallback(self, err: Exception | None) -> _Store:
+    def _use_fallback(self, err: Exception | None) -> MlflowStore:
         """Switch to the local store (once) and re-open the active training run there."""
         self._stop_monitor()
         self.fallback_dir.mkdir(parents=True, exist_ok=True)
@@ -243,7 +122,7 @@ class Tracker:
         log.warning("MLflow tracking URI %s %s: logging to %s", self.settings.uri, reason, self.fallback_uri)
         _UNREACHABLE.add(self.settings.uri)
         self._store = None  # if the local store cannot be opened either, the next call tries again
-        self._store = _Store(self.fallback_uri, artifact_root=self.fallback_dir / FALLBACK_ARTIFACTS)
+        self._store = MlflowStore(self.fallback_uri, artifact_root=self.fallback_dir / FALLBACK_ARTIFACTS)
         self._on_fallback = True
         active, self._run_id = self._run_id, None  # stays None if re-opening fails: later calls are no-ops
         if active is not None:
@@ -263,14 +142,14 @@ class Tracker:
             )
         return self._store
 
-    def _guarded(self, what: str, operation: Callable[[_Store], T]) -> T | None:
+    def _guarded(self, what: str, operation: Callable[[MlflowStore], T]) -> T | None:
         """Run ``operation`` on the store in use; on an unreachable store, again on the fallback store."""
         if not self.settings.enabled:
             return None
         try:
             return operation(self._current())
         except Exception as err:  # tracking must never stop training or evaluation: log, fall back
-            if self._on_fallback or not _is_unreachable(err):
+            if self._on_fallback or not is_unreachable(err):
                 log.warning("MLflow: could not %s on %s: %s", what, self.uri, err, exc_info=True)
                 return None
             failure = err
@@ -307,12 +186,25 @@ class Tracker:
         self._run_name = run_name
         self._run_id = self._guarded(f"start the run of {run_name}", self._open_training_run)
 
-    def _open_training_run(self, store: _Store) -> str:
+    def _open_training_run(self, store: MlflowStore) -> str:
         spec = self._training
         if spec is None:
             raise RuntimeError("no training run to open: call start_training_run first")
         experiment = self.settings.experiment
-        tags = {**spec.tags, TAG_RUN: spec.run_name, TAG_KIND: KIND_TRAIN, TAG_ZOO: spec.config.name}
+        iterations = spec.run_params.train.max_iters or spec.config.schedule.max_iters
+        tags = {
+            **row_tags(spec.config, iterations=iterations),
+            **spec.tags,
+            TAG_RUN: spec.run_name,
+            TAG_KIND: KIND_TRAIN,
+            TAG_ZOO: spec.config.name,
+            DESCRIPTION_TAG: (
+                f"Training run {spec.run_name}: {spec.config.name} on {spec.config.data.dataset}, {iterations} "
+                f"iterations. Its evaluations are the child runs; the published numbers are the metrics "
+                f"published_ss_mIoU / published_ms_mIoU here and the rows of experiment "
+                f"{self.settings.reference_experiment}."
+            ),
+        }
         if spec.parent is not None:
             tags[TAG_CHAIN] = spec.parent
             tags[PARENT_TAG] = self._chain_run(store, spec.parent)
@@ -327,6 +219,14 @@ class Tracker:
             run_id = store.create_run(experiment, spec.run_name, tags)
             logged = {}
         params = {**flatten_params(spec.config.to_dict()), **flatten_params(asdict(spec.run_params), "run")}
+        # what ran, not the recipe's numbers beside it: the run's iterations, batch and processes
+        knobs, world = spec.run_params.train, max(spec.run_params.gpus, 1) * spec.run_params.nodes
+        params["schedule.max_iters"] = str(knobs.max_iters or spec.config.schedule.max_iters)
+        params["data.train.gpus"] = str(world)
+        if knobs.global_batch or knobs.batch_size:
+            params["data.train.samples_per_gpu"] = str(
+                knobs.batch_size or max((knobs.global_batch or 0) // world, 1)
+            )
         changed = sorted(key for key, value in params.items() if key in logged and logged[key] != value)
         if changed:
             log.warning("MLflow params cannot change; run %s keeps its logged %s", run_id, ", ".join(changed))
@@ -346,12 +246,12 @@ class Tracker:
         self._start_monitor(store, run_id, resumed)
         return run_id
 
-    def _chain_run(self, store: _Store, chain: str) -> str:
+    def _chain_run(self, store: MlflowStore, chain: str) -> str:
         """The parent run of the chain that starts with run ``chain`` (created once)."""
         tags = {TAG_KIND: KIND_CHAIN, TAG_CHAIN: chain}
         return store.find_or_create(self.settings.experiment, f"{chain}-chain", tags, oldest=True)
 
-    def _start_monitor(self, store: _Store, run_id: str, resumed: bool) -> None:
+    def _start_monitor(self, store: MlflowStore, run_id: str, resumed: bool) -> None:
         """System metrics (``system/*``): the monitor ``mlflow.start_run(log_system_metrics=True)`` uses."""
         self._stop_monitor()
         if importlib.util.find_spec("psutil") is None:
@@ -394,12 +294,17 @@ class Tracker:
             return
         from pipelines.reporting.mlflow_model import log_segmentation_model
 
-        def upload(store: _Store) -> None:
+        def upload(store: MlflowStore) -> None:
             log_segmentation_model(
                 store.client, self._run_id, checkpoint=checkpoint, config=config, overrides=dict(overrides)
             )
 
         self._guarded(f"log the model of {config.name}", upload)
+
+    def log_recipe_diff(self, diff: Mapping[str, Any]) -> None:
+        """The training's recipe diff on the active training run (:func:`pipelines.reporting.mlflow_store.record_diff`)."""
+        if self._run_id is not None:
+            self._guarded("log the recipe diff", lambda store: record_diff(store, self._run_id, diff))
 
     def end_run(self, status: str = "FINISHED") -> None:
         """End the active training run (FAILED instead of FINISHED while an exception propagates)."""
@@ -417,7 +322,7 @@ class Tracker:
         run_dir = Path(run_dir)
         run_name = self._run_name or run_dir.name
 
-        def upload(store: _Store) -> None:
+        def upload(store: MlflowStore) -> None:
             tags = {TAG_RUN: run_name, TAG_KIND: KIND_TRAIN}
             run_id = store.find_or_create(self.settings.experiment, run_name, tags)
             for name in TRAIN_FILES:
@@ -455,7 +360,7 @@ class Tracker:
             confusion_files: the confusion matrix's CSV and heat map (logged under ``confusion_<mode>``).
         """
 
-        def record(store: _Store) -> None:
+        def record(store: MlflowStore) -> None:
             experiment = self.settings.experiment
             found = store.find_runs(experiment, {TAG_RUN: run_name, TAG_KIND: KIND_TRAIN}, max_results=1)
             eval_tags = {**tags, TAG_RUN: run_name, TAG_KIND: KIND_EVAL, TAG_MODE: mode}
@@ -470,10 +375,20 @@ class Tracker:
                 metrics=summary,
                 params={
                     k: str(metrics[k])
-                    for k in ("run", "config", "mode", "checkpoint", "precision", "deform_attn_backend")
+                    for k in (
+                        "run",
+                        "config",
+                        "mode",
+                        "checkpoint",
+                        "precision",
+                        "tf32",
+                        "deform_attn_backend",
+                    )
                     if k in metrics
                 },
             )
+            if metrics.get("recipe_diff") is not None:
+                record_diff(store, run_id, metrics["recipe_diff"])
             store.client.log_table(run_id, data=per_class, artifact_file=f"per_class_{mode}.json")
             for path in artifacts:
                 store.client.log_artifact(run_id, str(path), f"overlays_{mode}")
@@ -489,7 +404,7 @@ class Tracker:
     def sync_reference_experiment(self) -> None:
         """Make ``settings.reference_experiment`` hold each published row of the zoo once (idempotent)."""
 
-        def sync(store: _Store) -> None:
+        def sync(store: MlflowStore) -> None:
             experiment = self.settings.reference_experiment
             existing: dict[str, Run] = {}
             for run in store.find_runs(experiment, {TAG_KIND: KIND_REFERENCE}, newest_first=False):
@@ -518,7 +433,7 @@ class Tracker:
     def log_report(self, report: Path, rows: list[dict]) -> None:
         """A ``report`` run with the markdown report and its rows as a table."""
 
-        def record(store: _Store) -> None:
+        def record(store: MlflowStore) -> None:
             run_id = store.create_run(self.settings.experiment, "report", {TAG_KIND: KIND_REPORT})
             store.client.log_artifact(run_id, str(report))
             if rows:

@@ -76,7 +76,9 @@ class _SamplingCounter:
         )
 
 
-def count_flops(model: nn.Module, size: tuple[int, int], *, device: str | torch.device = "meta") -> dict[str, int]:
+def count_flops(
+    model: nn.Module, size: tuple[int, int], *, device: str | torch.device = "meta"
+) -> dict[str, int]:
     """FLOPs of ``model(image)`` for one (1, 3, H, W) image.
 
     Args:
@@ -197,8 +199,12 @@ def analyze_entry(
         ValueError: an unknown entry, a bad override or a size the model cannot take.
     """
     overrides = dict(overrides or {})
-    if size is not None:
+    if (
+        size is not None
+    ):  # the crop follows (a BEiT trunk's img_size with it); the window step stays inside it
+        stride = models.get_config(name, overrides).data.eval.stride
         overrides.setdefault("data.train.crop_size", [int(size[0]), int(size[1])])
+        overrides.setdefault("data.eval.stride", [min(stride[0], int(size[0])), min(stride[1], int(size[1]))])
     config = models.get_config(name, overrides)
     size = tuple(size) if size is not None else analysis_size(config)
     with torch.device("meta"):

@@ -4,7 +4,9 @@
 during and at the end of training call. It runs the reference protocol of :mod:`pipelines.engine.evaluator`
 (sliding windows, the config's scales and flips, docs/reference.md §R2.5) in the precision the reference
 measured the entry in unless told otherwise (§R2.6), compares the result with the published number of the
-mode, records which deformable-attention backend ran, and optionally writes colour overlays of the first
+mode, records which deformable-attention backend ran, sets and records TF32 (on by default, as the
+reference ran, :mod:`pipelines.engine.precision`), records the evaluation's recipe diff (every way it differs
+from the published row, :mod:`pipelines.runs.recipe_diff`), and optionally writes colour overlays of the first
 images.
 """
 
@@ -19,6 +21,7 @@ import numpy as np
 from torch import nn
 
 import cuda_ops
+from data.provenance import dataset_source
 from models.config import SegmentorConfig
 from pipelines.config.specs import EvalMode, test_pipeline
 from pipelines.engine.distributed import DistInfo
@@ -29,6 +32,8 @@ from pipelines.engine.evaluator import (
     resolve_precision,
 )
 from pipelines.engine.labels import predict_labels
+from pipelines.engine.precision import apply_tf32
+from pipelines.runs import recipe_diff
 from pipelines.runs.inputs import EvalSource, class_names, eval_items, palette, safe_stem
 
 log = logging.getLogger(__name__)
@@ -52,6 +57,8 @@ class EvaluationResult:
         artifacts: files written (overlays).
         confusion: (K, K) int64 class confusion matrix over the set (rows the label, columns the
             prediction), accumulated beside the IoU counts (:class:`pipelines.engine.metrics.SegMetrics`).
+        tf32: the TF32 setting (in effect on CUDA only).
+        recipe_diff: the evaluation's :class:`pipelines.runs.recipe_diff.RecipeDiff` as a dict.
     """
 
     config: str
@@ -64,6 +71,8 @@ class EvaluationResult:
     data: str
     artifacts: list[Path] = field(default_factory=list)
     confusion: np.ndarray | None = None
+    tf32: bool = True
+    recipe_diff: dict[str, Any] | None = None
 
     @property
     def delta_miou(self) -> float | None:
@@ -79,7 +88,17 @@ class EvaluationResult:
             "data": self.data,
             "published_miou": self.published_miou,
             "delta_miou": self.delta_miou,
+            "tf32": self.tf32,
             **self.metrics,
+            **(
+                {
+                    "comparable_to_published": bool(self.recipe_diff["comparable"]),
+                    "recipe_deviations": len(self.recipe_diff["deviations"]),
+                    "recipe_diff": self.recipe_diff,
+                }
+                if self.recipe_diff is not None
+                else {}
+            ),
         }
 
 
@@ -101,6 +120,8 @@ def evaluate_model(
     limit: int | None = None,
     progress: bool = False,
     overlays_dir: Path | None = None,
+    tf32: bool = True,
+    training_diff: dict[str, Any] | None = None,
 ) -> EvaluationResult:
     """Evaluate ``model`` (zoo entry ``config``) on the validation split of ``data``.
 
@@ -116,6 +137,9 @@ def evaluate_model(
         limit: the first N images only.
         progress: a progress bar (rank 0).
         overlays_dir: where to write colour overlays of the first images (rank 0), or None.
+        tf32: TF32 convolutions and matmuls on CUDA (the reference's).
+        training_diff: the recorded training recipe diff of the checkpoint's run (its run folder's
+            ``recipe_diff.json``), folded into this evaluation's; None for a checkpoint not trained here.
 
     Raises:
         ValueError: ``ms`` for an entry without a multi-scale recipe.
@@ -132,6 +156,7 @@ def evaluate_model(
         if isinstance(data, EvalSource)
         else eval_items(config, data, rank=rank, world_size=world, limit=limit)
     )
+    apply_tf32(tf32, device)
     before = cuda_ops.backend_usage()
     metrics = evaluate(
         model,
@@ -151,6 +176,21 @@ def evaluate_model(
     artifacts: list[Path] = []
     if overlays_dir is not None and rank == 0 and not isinstance(data, EvalSource):
         artifacts = write_overlays(model, config, data, overlays_dir, pipeline_mode=mode, settings=settings)
+    diff = recipe_diff.evaluation_diff(
+        config,
+        mode=mode,
+        precision=resolved,
+        tf32=tf32,
+        inference=settings.mode,
+        num_images=int(metrics.get("num_images", 0)),
+        limit=limit,
+        dataset=(
+            {"kind": "unknown", "reason": source.description}
+            if isinstance(data, EvalSource)
+            else dataset_source(data)
+        ),
+        training=training_diff,
+    )
     return EvaluationResult(
         config=config.name,
         mode=mode,
@@ -162,6 +202,8 @@ def evaluate_model(
         data=source.description,
         artifacts=artifacts,
         confusion=confusion,
+        tf32=tf32,
+        recipe_diff=diff.to_dict(),
     )
 
 

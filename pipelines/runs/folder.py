@@ -45,6 +45,7 @@ BEST = "best_mIoU.pth"
 BEST_INFO = "best.json"
 SIGNATURE_FILE = "run_signature.json"
 TRAIN_LOG = "train_log.jsonl"
+EVAL_LOG = "eval_log.jsonl"  # one record per evaluation during training
 CONFIG_FILE = "config.json"
 KEY_REPORT = "key_report.json"
 STALE_SUFFIX = ".stale-"
@@ -99,6 +100,12 @@ class RunFolder:
                 log.warning("%s is unreadable; looking for checkpoints directly", pointer)
         files = self.iteration_checkpoints()
         return files[-1][1] if files else None
+
+    def latest_iteration(self) -> int | None:
+        """The iteration of the newest complete checkpoint (``latest.json``, else the file names), or None."""
+        latest = self.latest_checkpoint()
+        match = ITER_FILE.match(latest.name) if latest is not None else None
+        return int(match.group(1)) if match else None
 
     def best_checkpoint(self) -> Path | None:
         """The best-mIoU checkpoint, or None when no evaluation has run."""
@@ -192,6 +199,21 @@ class RunFolder:
         if removed:
             log.info("removed %d temporary file(s) a killed run left in %s", len(removed), self.path)
         return removed
+
+    def read_eval_log(self) -> list[dict[str, Any]]:
+        """The evaluations during training, one per iteration (the last record of an iteration wins: a
+        resumed run repeats the evaluations after its checkpoint)."""
+        path = self.path / EVAL_LOG
+        if not path.is_file():
+            return []
+        by_iteration: dict[int, dict[str, Any]] = {}
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line torn by a kill
+            by_iteration[int(record["iteration"])] = record
+        return [by_iteration[i] for i in sorted(by_iteration)]
 
     # -- signature and resume ------------------------------------------------------------------------
     def recorded_signature(self) -> str | None:

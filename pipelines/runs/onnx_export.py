@@ -22,7 +22,6 @@ path). The zoo entry, its overrides and the input size are written into the file
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import logging
 import warnings
@@ -34,7 +33,9 @@ from typing import Any
 import torch
 from torch import nn
 
+import models.adapter.ms_deform_attn as ms_deform_attn_module
 from data.atomic import atomic_write
+from models.adapter.ms_deform_attn import MSDeformAttn
 from models.builder import set_deform_attn_backend
 from models.config import SegmentorConfig
 from pipelines.engine.onnx_session import (
@@ -120,7 +121,7 @@ def export_mode(model: nn.Module) -> Iterator[None]:
     strides torch.export's fake tensors cannot view; the arithmetic is the same); the deformable attention's
     per-shape cache is cleared around the trace (it would otherwise keep traced tensors).
     """
-    backends = {m: m.backend for m in model.modules() if hasattr(m, "backend") and hasattr(m, "n_points")}
+    backends = {m: m.backend for m in model.modules() if isinstance(m, MSDeformAttn)}
     fused = {m: m.fused_attn for m in model.modules() if isinstance(getattr(m, "fused_attn", None), bool)}
     training = model.training
     set_deform_attn_backend(model, "pytorch")
@@ -157,9 +158,8 @@ def _quiet_exporter() -> Iterator[None]:
 
 
 def _clear_trace_caches() -> None:
-    """Empty the deformable attention's cache of per-shape constants (filled by any forward)."""
-    module = importlib.import_module("models.adapter.ms_deform_attn")
-    for value in vars(module).values():
+    """Empty the deformable attention module's caches of per-shape constants (filled by any forward)."""
+    for value in vars(ms_deform_attn_module).values():
         if callable(getattr(value, "cache_clear", None)):
             value.cache_clear()
 

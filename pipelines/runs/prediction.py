@@ -134,7 +134,9 @@ def predict_images(
     for image_path in images:
         if is_video(Path(image_path)):
             stem = unique_stem(safe_stem(Path(image_path).stem), used)
-            written.append(predict_video(segment, Path(image_path), out, colors, stem=stem, progress=progress))
+            written.append(
+                predict_video(segment, Path(image_path), out, colors, stem=stem, progress=progress)
+            )
             continue
         image = cv2.imread(str(image_path), cv2.IMREAD_COLOR)
         if image is None:

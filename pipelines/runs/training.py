@@ -5,6 +5,8 @@ trunk (docs/reference.md §R2.2) or, for the strategy-2 rows, the COCO-Stuff sta
 class-specific layer left at its fresh initialisation, resolves the plan (:mod:`pipelines.engine.plan`),
 opens the prepared shards, and trains with :class:`pipelines.engine.trainer.Trainer`, evaluating
 single-scale on the validation split through :func:`pipelines.runs.evaluation.evaluate_model`.
+Before training it writes the run's recipe diff (``recipe_diff.json``, :mod:`pipelines.runs.recipe_diff`:
+every way the run differs from the published row), which every checkpoint also carries.
 Rerunning the same call resumes from the run folder's latest checkpoint. Launch it under ``torchrun``
 for several GPUs or nodes.
 """
@@ -23,6 +25,7 @@ from torch import nn
 
 import models
 from data.atomic import write_json_atomic
+from data.provenance import dataset_source
 from models.checkpoint import LoadReport, load_checkpoint_file, load_stage_checkpoint
 from models.config import SegmentorConfig
 from models.pretrained import load_pretrained_trunk
@@ -32,9 +35,10 @@ from pipelines.config.specs import train_pipeline
 from pipelines.engine.distributed import DevicePreference, DistInfo, init_distributed
 from pipelines.engine.plan import TrainPlan, resolve_plan
 from pipelines.engine.trainer import Callback, Trainer, TrainResult
-from pipelines.runs import evaluation
+from pipelines.runs import evaluation, recipe_diff
 from pipelines.runs.folder import CONFIG_FILE, KEY_REPORT, RunFolder
 from pipelines.runs.inputs import check_shards_match
+from pipelines.runs.recipe_diff import RecipeDiff
 from pipelines.runs.weights import resolve_weights
 
 log = logging.getLogger(__name__)
@@ -59,6 +63,7 @@ class RunSpec:
         device: ``auto``, ``cpu`` or ``cuda``.
         eval_batch_windows: sliding windows per forward at evaluation.
         progress: a progress bar on rank 0.
+        preset: the preset already merged into ``overrides``, named in the run's recipe diff.
     """
 
     name: str
@@ -72,6 +77,7 @@ class RunSpec:
     device: DevicePreference = "auto"
     eval_batch_windows: int = 4
     progress: bool = True
+    preset: str | None = None
 
     def config(self) -> SegmentorConfig:
         return models.get_config(self.name, self.overrides)
@@ -130,18 +136,43 @@ def build_model(spec: RunSpec, config: SegmentorConfig) -> tuple[nn.Module, dict
     keys: dict[str, Any] = {"config": config.name, "overrides": spec.overrides}
     stage = stage_checkpoint_path(config, spec)
     if stage is not None:
-        report = load_stage(model, stage)
+        state = load_checkpoint_file(stage)
+        report = load_stage_checkpoint(model, state, source=str(stage))
         keys["init_from"] = report.to_dict()
+        # what the recipe diff judges the start by: the stage run's own diff, or the file's name
+        keys["init_from_checkpoint"] = {"file": str(stage), "recipe_diff": state.get("recipe_diff")}
         log.info("initialised from %s; re-initialised: %s", stage, [k for k, _, _ in report.mismatched])
     else:
         keys["pretrained"] = _load_pretrained(model, config, spec)
     return model, keys
 
 
-def plan_for(spec: RunSpec, config: SegmentorConfig, world_size: int) -> TrainPlan:
-    """The resolved plan of ``spec`` on ``world_size`` processes."""
+def plan_for(
+    spec: RunSpec, config: SegmentorConfig, world_size: int, *, bn_spans_processes: bool = True
+) -> TrainPlan:
+    """The resolved plan of ``spec`` on ``world_size`` processes (``bn_spans_processes``: SyncBatchNorm runs,
+    i.e. CUDA)."""
     return resolve_plan(
-        config, spec.knobs, world_size=world_size, work_dir=spec.work_dir, progress=spec.progress
+        config,
+        spec.knobs,
+        world_size=world_size,
+        work_dir=spec.work_dir,
+        progress=spec.progress,
+        bn_spans_processes=bn_spans_processes,
+    )
+
+
+def training_recipe_diff(
+    spec: RunSpec, config: SegmentorConfig, plan: TrainPlan, keys: dict[str, Any]
+) -> RecipeDiff:
+    """The run's recipe diff (:mod:`pipelines.runs.recipe_diff`) from its plan and what was loaded."""
+    return recipe_diff.training_diff(
+        config,
+        plan,
+        pretrained=keys.get("pretrained"),
+        init_from=keys.get("init_from_checkpoint"),
+        dataset=dataset_source(spec.data),
+        preset=spec.preset,
     )
 
 
@@ -164,7 +195,11 @@ def _train(spec: RunSpec, dist_info: DistInfo, callbacks: list[Callback] | None)
     if dist_info.is_main:
         write_json_atomic(spec.work_dir / KEY_REPORT, keys)
         write_json_atomic(spec.work_dir / CONFIG_FILE, config.to_dict())
-    plan = plan_for(spec, config, dist_info.world_size)
+    plan = plan_for(spec, config, dist_info.world_size, bn_spans_processes=dist_info.device.type == "cuda")
+    diff = training_recipe_diff(spec, config, plan, keys)
+    if dist_info.is_main:
+        recipe_diff.write_diff(spec.work_dir, diff)
+        recipe_diff.log_summary(diff)
 
     from data.loaders import build_train_loader
 
@@ -196,6 +231,7 @@ def _train(spec: RunSpec, dist_info: DistInfo, callbacks: list[Callback] | None)
             batch_windows=spec.eval_batch_windows,
             limit=spec.knobs.eval_limit,
             progress=spec.progress,
+            tf32=plan.tf32,
         )
         return {**result.metrics, "per_class": result.per_class, "deform_attn_backend": result.backend}
 
@@ -206,6 +242,6 @@ def _train(spec: RunSpec, dist_info: DistInfo, callbacks: list[Callback] | None)
         batches,
         evaluate=run_eval,
         callbacks=callbacks,
-        extra_state={"overrides": spec.overrides},
+        extra_state={"overrides": spec.overrides, "recipe_diff": diff.to_dict()},
     )
     return trainer.fit()

@@ -71,7 +71,9 @@ def test_train_step_cpu_smoke(tmp_path: Path) -> None:
         for with_cp in (False, True)
     }
     for row in rows:
-        _check_backend(row, {"fp32": "float32", "bf16": "bfloat16"}[row["precision"]])
+        _check_backend(
+            row, "float32"
+        )  # the core runs in float32 under autocast, as the reference's custom_fwd
         assert row["tiny_override"] is True and row["loss_finite"]
         assert {"mean", "median", "min", "max"} <= set(row["step_ms"])
         assert row["optimizer_groups"] > 1  # the recipe's parameter groups, not one
@@ -95,7 +97,9 @@ def test_eval_cpu_smoke(tmp_path: Path) -> None:
         for precision in ("fp32", "bf16")
     }
     for row in rows:
-        _check_backend(row, {"fp32": "float32", "bf16": "bfloat16"}[row["precision"]])
+        _check_backend(
+            row, "float32"
+        )  # the core runs in float32 under autocast, as the reference's custom_fwd
         assert row["windows"] >= row["forward_passes"] >= 1 and row["s_per_image"] > 0
     views = {(r["model"], r["mode"]): r["views"] for r in rows}
     # single scale: one view; multi-scale: the config's ratios, each flipped

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import tarfile
 import zipfile
@@ -13,6 +14,7 @@ import pytest
 
 from data.catalog import PASCAL_CONTEXT_KEPT_IDS, lookup_table
 from data.prepare import prepare_dataset
+from data.provenance import dataset_source
 from data.readers import decode_label_image, decode_label_mat, find_samples, load_sample
 from data.shards import PreparedDataset, file_sha256
 
@@ -25,7 +27,12 @@ def _zip_folder(folder: Path, archive: Path, arcname_root: str) -> None:
 
 
 def _shard_digests(root: Path) -> dict[str, str]:
-    return {p.name: file_sha256(p) for p in sorted(root.iterdir())}
+    """Every file's sha256; index.json's without its ``source`` (the raw files read: archives or a twin)."""
+    digests = {p.name: file_sha256(p) for p in sorted(root.iterdir())}
+    index = json.loads((root / "index.json").read_text())
+    assert index.pop("source")["kind"] in ("official", "synthetic")
+    digests["index.json"] = json.dumps(index, sort_keys=True)
+    return digests
 
 
 def _labels(root: Path, split: str) -> dict[str, np.ndarray]:
@@ -49,6 +56,13 @@ def test_ade20k_zip_gives_the_same_shards(twins: dict, prepared: dict, tmp_path:
     )
     out = prepare_dataset("ade20k", raw, tmp_path / "out", samples_per_shard=4).root
     assert _shard_digests(out) == _shard_digests(prepared["ade20k"].root)
+    archive = raw / "ADEChallengeData2016.zip"  # the index records the archive read, with its checksum
+    assert dataset_source(out) == {
+        "kind": "official",
+        "archives": [{"file": archive.name, "bytes": archive.stat().st_size, "sha256": file_sha256(archive)}],
+        "folders": [],
+    }
+    assert dataset_source(prepared["ade20k"].root)["kind"] == "synthetic"
 
 
 def test_coco_zips_give_the_same_shards(twins: dict, prepared: dict, tmp_path: Path) -> None:

@@ -12,7 +12,18 @@ import pytest
 from data.atomic import OWNER_MARKER
 from pipelines.cli import main
 
-TWIN = ["--num-train", "2", "--num-val", "1", "--min-size", "40", "--max-size", "56", "--num-classes-used", "3"]
+TWIN = [
+    "--num-train",
+    "2",
+    "--num-val",
+    "1",
+    "--min-size",
+    "40",
+    "--max-size",
+    "56",
+    "--num-classes-used",
+    "3",
+]
 
 
 def _tree_digest(root: Path) -> str:
@@ -35,7 +46,10 @@ def test_prepare_into_its_own_input_is_refused_and_the_input_kept(
     for out in (raw, raw / "shards"):
         assert main(["data", "prepare", "ade20k", "--raw", str(raw), "--out", str(out)]) == 1
     assert "is the input folder" in caplog.text and "is inside the input folder" in caplog.text
-    assert main(["data", "prepare", "ade20k", "--raw", str(raw / "ADEChallengeData2016"), "--out", str(raw)]) == 1
+    assert (
+        main(["data", "prepare", "ade20k", "--raw", str(raw / "ADEChallengeData2016"), "--out", str(raw)])
+        == 1
+    )
     assert "contains the input folder" in caplog.text
     assert _tree_digest(raw) == before  # nothing of the input was touched
 

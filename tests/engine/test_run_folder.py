@@ -20,7 +20,7 @@ from micro_params import cli_model_args
 from models.checkpoint import load_checkpoint_file
 from pipelines.cli import main
 from pipelines.config.knobs import TrainParams
-from pipelines.runs.folder import RunFolder, RunFolderBusyError
+from pipelines.runs.folder import RunFolder
 from pipelines.runs.training import RunSpec, run_training
 
 NAME = "upernet_deit_adapter_tiny_512_160k_ade20k"
@@ -180,6 +180,7 @@ def test_an_evaluation_setting_never_retrains_and_a_changed_run_is_moved_aside(t
     assert (run / "iter_0000002.pth").stat().st_mtime_ns == mtime  # the finished run was kept as it is
 
     params["runs"]["tiny"]["train"]["seed"] = 7  # changes the weights: a new run, the old one kept aside
+    params["runs"]["tiny"]["train"]["num_workers"] = 0  # no loader processes forked from this test process
     write_params(path, params)
     assert main(["pipeline", "train", "tiny", "--params", str(path)]) == 0
     aside = [p for p in run.parent.iterdir() if p.name.startswith("tiny.stale-")]
@@ -215,3 +216,13 @@ def test_predict_keeps_inputs_of_the_same_name_apart_and_checks_paths_first(
     ]
     assert main([*args, str(tmp_path / "a" / "photo.jpg"), str(tmp_path / "nope.jpg")]) == 1
     assert f"no such image file: {tmp_path / 'nope.jpg'}" in caplog.text
+
+
+def test_the_progress_line_leads_with_what_a_person_follows() -> None:
+    from pipelines.engine.trainer import progress_line
+
+    values = {"loss": 1.23456, "lr": 2e-4, "images_per_s": 12.34, "peak_memory_mb": 812.4}
+    values.update({f"d{i}.loss_mask": 0.1 for i in range(30)})  # Mask2Former's per-layer terms
+    line = progress_line(120, 400, 100, time.perf_counter() - 10.0, values)  # 20 iterations in 10 s
+    assert line.startswith("iter 120/400 (30%) | loss 1.2346 | lr 2.00e-04 | eta 2m")
+    assert line.endswith("| 12.3 img/s | mem 812 MB") and "loss_mask" not in line and len(line) < 120

@@ -91,7 +91,7 @@ def test_every_weight_file_is_verified_by_content(http_folder, tmp_path: Path) -
         resolve_weights(name, f"{base}/{name}", weights_dir=weights)
     path.unlink()
     (served / name).write_bytes(b"a different file under the same name")
-    with pytest.raises(ValueError, match="the download's sha256 .* does not match"):
+    with pytest.raises(ValueError, match=r"the download's sha256 .* does not match"):
         resolve_weights(name, f"{base}/{name}", weights_dir=weights)
     assert not path.exists() and not any(weights.glob(".*.tmp"))  # nothing half-verified left in place
 

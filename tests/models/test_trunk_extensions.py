@@ -147,14 +147,14 @@ def test_entry_trunks_are_timms_default_architectures(kind: str) -> None:
 def test_configs_list_shows_the_extensions_with_parameter_counts(capsys: pytest.CaptureFixture[str]) -> None:
     from pipelines.cli import main
 
-    assert (
-        main(["configs", "list", "--json", "--extensions", "--head", "upernet", "--dataset", "ade20k"]) == 0
-    )
+    assert main(["configs", "list", "--json", "--head", "upernet", "--dataset", "ade20k"]) == 0
     rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
     for name in EXTENSIONS[::2]:
         assert rows[name]["extension"] and rows[name]["params_published_m"] is None
         assert rows[name]["num_params"] > 3e8
     assert not rows["upernet_deit_adapter_tiny_512_160k_ade20k"]["extension"]
+    assert main(["configs", "list", "--json", "--published-only", "--head", "upernet"]) == 0
+    assert not any(row["extension"] for row in json.loads(capsys.readouterr().out))
 
 
 # -- tiny variants: forward and backward ---------------------------------------------------------

@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import models
 from micro_params import MICRO, micro_params, write_params
 from pipelines.cli import main
-from pipelines.config.params import ParamsError, load_params, parse_params
+from pipelines.config.params import Params, ParamsError, load_params, parse_params
 from pipelines.orchestration.dvcgraph import build_dvc_graph, render_dvc_yaml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -149,18 +150,23 @@ README_ROW_SETTINGS = {
 }
 
 
-def test_readme_row_reproduction_gives_the_published_recipe() -> None:
-    readme = (REPO / "README.md").read_text()
-    for key, value in README_ROW_SETTINGS.items():
-        assert f"{key}={value}" in readme or f"'{key}={value}'" in readme, key
+def _readme_row_params() -> Params:
+    """params.yaml with README_ROW_SETTINGS applied, as `dvc exp run -S key=value` applies them."""
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    for key, value in README_ROW_SETTINGS.items():  # what `dvc exp run -S key=value` does
+    for key, value in README_ROW_SETTINGS.items():
         *parents, leaf = key.split(".")
         node = raw
         for part in parents:
             node = node[part]
         node[leaf] = yaml.safe_load(value)
-    params = parse_params(raw)
+    return parse_params(raw)
+
+
+def test_readme_row_reproduction_gives_the_published_recipe() -> None:
+    readme = (REPO / "README.md").read_text()
+    for key, value in README_ROW_SETTINGS.items():
+        assert f"{key}={value}" in readme or f"'{key}={value}'" in readme, key
+    params = _readme_row_params()
     from pipelines.engine.plan import resolve_plan
 
     for name, zoo_name in (
@@ -178,6 +184,82 @@ def test_readme_row_reproduction_gives_the_published_recipe() -> None:
         assert run.train.pretrained == "auto" and run.train.max_iters is None  # the recipe's 80k iterations
     assert params.run("ade_stage").init_from == "coco_stage"
     assert params.run_order() == ["coco_stage", "ade_stage"]
+
+
+def _recipe_diffs(params: Params, *, official: bool) -> dict[str, list[str]]:
+    """The recipe diffs (deviation keys) of every run's training and SS/MS evaluations, as the stages record
+    them, with official data and weights (``official``) or as the demo has them (synthetic twins, none)."""
+    from pipelines.engine.evaluator import resolve_precision
+    from pipelines.engine.plan import resolve_plan
+    from pipelines.runs import recipe_diff
+
+    diffs, trained = {}, {}
+    for name in params.run_order():
+        run = params.run(name)
+        config = run.model_config()
+        gpus = run.gpus * run.nodes
+        plan = resolve_plan(
+            config, run.train, world_size=max(gpus, 1), work_dir=Path("unused"), bn_spans_processes=gpus > 0
+        )
+        if official:
+            data = {"kind": "official", "archives": [{"file": "an official archive", "sha256": "0" * 64}]}
+            weights = {"file": f"artifacts/pretrained/{config.pretrained.file}", "sha256": "1" * 64}
+        else:
+            data, weights = {"kind": "synthetic", "written_by": "vitadapter data synthesize"}, None
+        start = (
+            {"file": f"{name}/best_mIoU.pth", "recipe_diff": trained[run.init_from]}
+            if run.init_from in trained
+            else None
+        )
+        training = recipe_diff.training_diff(
+            config, plan, pretrained=weights, init_from=start, dataset=data, preset=run.preset
+        )
+        trained[name] = training.to_dict()
+        diffs[name] = training.keys
+        for mode in run.eval.modes:
+            device = torch.device("cuda" if gpus else "cpu")
+            evaluation = recipe_diff.evaluation_diff(
+                config,
+                mode=mode,
+                precision=resolve_precision(config, run.eval.precision, device),
+                tf32=run.eval.tf32,
+                inference=config.data.eval.mode,
+                num_images=run.eval.limit or 2000,
+                limit=run.eval.limit,
+                dataset=data,
+                training=trained[name],
+            )
+            diffs[f"{name}/{mode}"] = evaluation.keys
+    return diffs
+
+
+def test_readme_row_reproduction_has_an_empty_recipe_diff() -> None:
+    diffs = _recipe_diffs(_readme_row_params(), official=True)
+    assert set(diffs) == {
+        "coco_stage",
+        "coco_stage/ss",
+        "coco_stage/ms",
+        "ade_stage",
+        "ade_stage/ss",
+        "ade_stage/ms",
+    }
+    assert all(keys == [] for keys in diffs.values()), diffs
+
+
+def test_the_demo_names_each_of_its_deviations() -> None:
+    diffs = _recipe_diffs(load_params(REPO / "params.yaml"), official=False)
+    batch = ["iterations", "global_batch", "bn_group", "world_size", "crop"]
+    data_and_model = ["dataset", "config", "preset"]
+    assert diffs["coco_stage"] == [*batch, "pretrained", *data_and_model]  # a random tiny trunk
+    assert diffs["ade_stage"] == [*batch, "init_from", *data_and_model]  # from the (deviating) coco stage
+    for mode in ("ss", "ms"):
+        expected = [
+            *(f"training.{key}" for key in diffs["coco_stage"]),
+            "eval_scales",
+            "eval_images",
+            "dataset",
+        ]
+        assert diffs[f"coco_stage/{mode}"] == expected
 
 
 def test_mlflow_tracking_uri_environment_variable_wins(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,104 @@
+"""Where a prepared dataset came from: the official distribution (which archives, with their sha256) or a
+synthetic twin.
+
+``vitadapter data prepare`` records :func:`describe_raw` in the shards' ``index.json`` (``source``); a run
+reads it back with :func:`dataset_source` to say whether its numbers come from the official data (the
+recipe diff of :mod:`pipelines.runs.recipe_diff`). A twin is recognised by the owner marker its writer
+leaves in its root (``vitadapter data synthesize``, :mod:`data.atomic`).
+
+Descriptors (JSON-able dicts):
+
+* ``{"kind": "synthetic", "written_by": ...}``: a synthetic twin;
+* ``{"kind": "official", "archives": [{"file", "bytes", "sha256"}], "folders": [...]}``: the official
+  distribution, read from these archives (hashed whole) and/or extracted folders (not hashed);
+* ``{"kind": "unknown", "reason": ...}``: shards prepared before sources were recorded, or no index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from data.atomic import OWNER_MARKER
+from data.readers import RawSample
+
+log = logging.getLogger(__name__)
+
+SYNTHESIZE_WRITER = "vitadapter data synthesize"
+HASH_CHUNK = 16 * 2**20
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _writer_of(folder: Path) -> str | None:
+    marker = folder / OWNER_MARKER
+    if not marker.is_file():
+        return None
+    try:
+        return str(json.loads(marker.read_text()).get("written_by"))
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def describe_raw(raw: str | Path, samples: Iterable[RawSample]) -> dict[str, Any]:
+    """The descriptor of the raw distribution ``samples`` were found in under ``raw``.
+
+    Args:
+        raw: the folder (or archive) given to ``prepare``.
+        samples: the samples read from it (their files say which archives and folders were used).
+    """
+    raw = Path(raw)
+    writer = _writer_of(raw) if raw.is_dir() else None
+    if writer is not None and writer.startswith(SYNTHESIZE_WRITER):
+        return {"kind": "synthetic", "written_by": writer}
+    archives: set[str] = set()
+    folders: set[str] = set()
+    for sample in samples:
+        for ref in (sample.image, sample.label):
+            (folders if ref.source.kind == "dir" else archives).add(ref.source.path)
+    described = []
+    for archive in sorted(archives):
+        path = Path(archive)
+        log.info("hashing %s (recorded with the prepared shards)", path)
+        described.append({"file": path.name, "bytes": path.stat().st_size, "sha256": file_sha256(path)})
+    return {"kind": "official", "archives": described, "folders": sorted(Path(f).name for f in folders)}
+
+
+def dataset_source(folder: str | Path) -> dict[str, Any]:
+    """The descriptor of a prepared shard folder (its ``index.json``) or of a raw folder given directly."""
+    folder = Path(folder)
+    index = folder / "index.json"
+    if index.is_file():
+        try:
+            source = json.loads(index.read_text()).get("source")
+        except (OSError, ValueError) as err:
+            return {"kind": "unknown", "reason": f"{index} is unreadable ({err})"}
+        if isinstance(source, dict) and source.get("kind") in ("official", "synthetic"):
+            return source
+        return {
+            "kind": "unknown",
+            "reason": f"{index} records no source (prepared before sources were recorded: "
+            "rerun `vitadapter data prepare ... --force`)",
+        }
+    writer = _writer_of(folder) if folder.is_dir() else None
+    if writer is not None and writer.startswith(SYNTHESIZE_WRITER):
+        return {"kind": "synthetic", "written_by": writer}
+    if folder.exists():
+        return {
+            "kind": "official",
+            "archives": [],
+            "folders": [folder.name],
+            "note": "raw folder, not hashed",
+        }
+    return {"kind": "unknown", "reason": f"{folder} does not exist"}
