@@ -16,29 +16,18 @@ Descriptors (JSON-able dicts):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from data.atomic import OWNER_MARKER
+from data.atomic import OWNER_MARKER, file_sha256
 from data.readers import RawSample
 
 log = logging.getLogger(__name__)
 
 SYNTHESIZE_WRITER = "vitadapter data synthesize"
-HASH_CHUNK = 16 * 2**20
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _writer_of(folder: Path) -> str | None:

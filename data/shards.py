@@ -21,7 +21,6 @@ because it imports torch; reading uses ``tarfile`` offsets for random access).
 from __future__ import annotations
 
 import bisect
-import hashlib
 import itertools
 import json
 import logging
@@ -34,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import cv2
 import numpy as np
 
+from data.atomic import file_sha256
 from data.catalog import IGNORE_INDEX, LabelError, check_train_ids, get_dataset
 from data.readers import decode_image
 
@@ -49,7 +49,6 @@ META_SUFFIX = "json"
 SHARD_PATTERN = "{split}-{number:06d}.tar"
 DEFAULT_SAMPLES_PER_SHARD = 1000
 PNG_COMPRESSION = 3
-HASH_CHUNK = 1 << 20
 # Fixed member time stamps make shards byte-identical across runs.
 MEMBER_MTIME = 0.0
 
@@ -80,15 +79,6 @@ def decode_label_png(data: bytes, *, source: str) -> np.ndarray:
     if label is None or label.ndim != 2 or label.dtype != np.uint8:
         raise LabelError(f"{source}: not a single-channel 8-bit label PNG")
     return label
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def dumps_json(value: Any) -> str:

@@ -31,6 +31,54 @@ OUTPUT_STRIDES = (4, 8, 16, 32)
 POS_EMBED_STD = 0.02
 
 
+def build_interactions(config: BackboneConfig) -> nn.ModuleList:
+    """The adapter's interaction blocks (injector + extractor per group of trunk blocks), whatever the trunk."""
+    trunk, adapter = config.trunk, config.adapter
+    last = len(adapter.interaction_indexes) - 1
+    return nn.ModuleList(
+        [
+            InteractionBlock(
+                dim=trunk.embed_dim,
+                num_heads=adapter.deform_num_heads,
+                n_points=adapter.n_points,
+                deform_ratio=adapter.deform_ratio,
+                cffn_ratio=adapter.cffn_ratio,
+                drop_path=trunk.drop_path_rate,
+                init_values=adapter.injector_init_values,
+                extra_extractor=adapter.use_extra_extractor and i == last,
+                with_cffn=adapter.with_cffn,
+                with_cp=config.with_cp,
+            )
+            for i in range(len(adapter.interaction_indexes))
+        ]
+    )
+
+
+@torch.no_grad()
+def reference_init(modules: list[nn.Module], *, skip: nn.Module | None = None) -> None:
+    """The reference's initialisation rule over ``modules`` (docs/reference.md §P3, "Init"), in its order.
+
+    Linear trunc_normal(0.02) / bias 0; LayerNorm and BatchNorm 1/0; Conv and ConvTranspose (except
+    ``skip``) normal(0, sqrt(2/fan_out)) / bias 0; then every MSDeformAttn re-initialised by its own rule.
+    """
+    for module in modules:
+        if isinstance(module, nn.Linear):
+            trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm | nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Conv2d | nn.ConvTranspose2d) and module is not skip:
+            fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels // module.groups
+            nn.init.normal_(module.weight, 0.0, math.sqrt(2.0 / fan_out))
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    for module in modules:
+        if isinstance(module, MSDeformAttn):
+            module.reset_parameters()
+
+
 class ViTAdapter(nn.Module):
     """ViT-Adapter backbone returning four maps at strides 4, 8, 16, 32.
 
@@ -95,23 +143,7 @@ class ViTAdapter(nn.Module):
             ]
         self.blocks = nn.ModuleList(blocks)
         self.spm = SpatialPriorModule(inplanes=adapter.conv_inplane, embed_dim=dim)
-        self.interactions = nn.ModuleList(
-            [
-                InteractionBlock(
-                    dim=dim,
-                    num_heads=adapter.deform_num_heads,
-                    n_points=adapter.n_points,
-                    deform_ratio=adapter.deform_ratio,
-                    cffn_ratio=adapter.cffn_ratio,
-                    drop_path=trunk.drop_path_rate,
-                    init_values=adapter.injector_init_values,
-                    extra_extractor=adapter.use_extra_extractor and i == len(adapter.interaction_indexes) - 1,
-                    with_cffn=adapter.with_cffn,
-                    with_cp=config.with_cp,
-                )
-                for i in range(len(adapter.interaction_indexes))
-            ]
-        )
+        self.interactions = build_interactions(config)
         self.add_vit_feature = adapter.add_vit_feature
         self.up = nn.ConvTranspose2d(dim, dim, kernel_size=2, stride=2)
         self.norm1 = nn.BatchNorm2d(dim)
@@ -130,22 +162,7 @@ class ViTAdapter(nn.Module):
         trunc_normal(0.02) / bias 0; norms 1/0; Conv and ConvTranspose normal(0, sqrt(2/fan_out));
         every MSDeformAttn re-initialised by its own rule; ``level_embed`` normal(0, 1).
         """
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                trunc_normal_(module.weight, std=0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm | nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Conv2d | nn.ConvTranspose2d) and module is not self.patch_embed.proj:
-                fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels // module.groups
-                nn.init.normal_(module.weight, 0.0, math.sqrt(2.0 / fan_out))
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-        for module in self.modules():
-            if isinstance(module, MSDeformAttn):
-                module.reset_parameters()
+        reference_init(list(self.modules()), skip=self.patch_embed.proj)
         for block in self.blocks:
             if self.is_beit:
                 block.reset_parameters()  # layer scale

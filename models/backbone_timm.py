@@ -28,16 +28,13 @@ Parameter names: the trunk's are timm's at the top level (``patch_embed.*``, ``c
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models._timm import trunc_normal_
-from models.adapter import InteractionBlock, MSDeformAttn, SpatialPriorModule
+from models.adapter import SpatialPriorModule
 from models.adapter.deform_inputs import ADAPTER_STRIDES, DeformInputs, cell_centres
-from models.backbone import OUTPUT_STRIDES, SIZE_DIVISOR, ViTAdapter
+from models.backbone import OUTPUT_STRIDES, SIZE_DIVISOR, ViTAdapter, build_interactions, reference_init
 from models.config import BackboneConfig
 from models.trunks.timm_trunks import TIMM_TRUNK_KINDS, TimmTrunk
 
@@ -81,23 +78,7 @@ class TimmViTAdapter(TimmTrunk):
         self.with_cp = config.with_cp
         self.level_embed = nn.Parameter(torch.zeros(3, dim))
         self.spm = SpatialPriorModule(inplanes=adapter.conv_inplane, embed_dim=dim)
-        self.interactions = nn.ModuleList(
-            [
-                InteractionBlock(
-                    dim=dim,
-                    num_heads=adapter.deform_num_heads,
-                    n_points=adapter.n_points,
-                    deform_ratio=adapter.deform_ratio,
-                    cffn_ratio=adapter.cffn_ratio,
-                    drop_path=trunk.drop_path_rate,
-                    init_values=adapter.injector_init_values,
-                    extra_extractor=adapter.use_extra_extractor and i == len(adapter.interaction_indexes) - 1,
-                    with_cffn=adapter.with_cffn,
-                    with_cp=config.with_cp,
-                )
-                for i in range(len(adapter.interaction_indexes))
-            ]
-        )
+        self.interactions = build_interactions(config)
         self.add_vit_feature = adapter.add_vit_feature
         self.up = nn.ConvTranspose2d(dim, dim, kernel_size=2, stride=2)
         self.norm1 = nn.BatchNorm2d(dim)
@@ -118,23 +99,7 @@ class TimmViTAdapter(TimmTrunk):
         Linear trunc_normal(0.02) / bias 0; norms 1/0; Conv and ConvTranspose normal(0, sqrt(2/fan_out));
         every MSDeformAttn re-initialised by its own rule; ``level_embed`` normal(0, 1).
         """
-        modules = [m for part in self.adapter_modules() for m in part.modules()]
-        for module in modules:
-            if isinstance(module, nn.Linear):
-                trunc_normal_(module.weight, std=0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm | nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Conv2d | nn.ConvTranspose2d):
-                fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels // module.groups
-                nn.init.normal_(module.weight, 0.0, math.sqrt(2.0 / fan_out))
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-        for module in modules:
-            if isinstance(module, MSDeformAttn):
-                module.reset_parameters()
+        reference_init([m for part in self.adapter_modules() for m in part.modules()])
         nn.init.normal_(self.level_embed)
 
     def check_input_size(self, height: int, width: int) -> None:

@@ -109,8 +109,29 @@ def to_probabilities(
     Returns:
         (1, K, H, W) class probabilities in the original orientation: float32 (float64 for float64 scores).
     """
+    scores = to_original_size(scores, original_size, flipped=flipped, valid_size=valid_size)
+    return scores.softmax(dim=1)  # per pixel: the same before or after the flip
+
+
+def to_original_size(
+    scores: torch.Tensor,
+    original_size: tuple[int, int],
+    *,
+    flipped: bool,
+    valid_size: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """Step 8 of the reference: (crop padding away), one resize to the original size, flip back.
+
+    Args:
+        scores: (1, k, h, w) scores of one pass (any k channels: each is resized on its own).
+        original_size, flipped, valid_size: as for :func:`to_probabilities`.
+
+    Returns:
+        (1, k, H, W) in the original orientation, float32 (float64 for float64 scores); the resize runs in
+        the scores' own dtype, as the reference's.
+    """
     if valid_size is not None:
         scores = scores[:, :, : valid_size[0], : valid_size[1]]
     scores = F.interpolate(scores, size=original_size, mode="bilinear", align_corners=False)
-    probs = (scores if scores.dtype == torch.float64 else scores.float()).softmax(dim=1)
-    return probs.flip(dims=(3,)) if flipped else probs
+    scores = scores if scores.dtype == torch.float64 else scores.float()
+    return scores.flip(dims=(3,)) if flipped else scores

@@ -22,11 +22,11 @@ import logging
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from data.eval_transforms import TestPipeline
 from pipelines.engine.evaluator import InferenceSettings, iter_view_scores, predict_probabilities
+from pipelines.engine.inference import to_original_size
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +41,7 @@ def _resized(
     scores: torch.Tensor, classes: slice, size: tuple[int, int], flipped: bool, valid: tuple[int, int] | None
 ) -> torch.Tensor:
     """Channels ``classes`` of one view's scores at the original size and orientation: (k, H, W)."""
-    chunk = scores[:, classes]
-    if valid is not None:
-        chunk = chunk[:, :, : valid[0], : valid[1]]
-    chunk = F.interpolate(chunk, size=size, mode="bilinear", align_corners=False)[0]
-    return chunk.flip(dims=(2,)) if flipped else chunk
+    return to_original_size(scores[:, classes], size, flipped=flipped, valid_size=valid)[0]
 
 
 @torch.no_grad()

@@ -24,7 +24,7 @@ from typing import IO
 
 from tqdm import tqdm
 
-from data.atomic import atomic_write, write_json_atomic
+from data.atomic import atomic_write, file_sha256, write_json_atomic
 from pipelines.config.params import DEFAULT_PATHS
 
 log = logging.getLogger(__name__)
@@ -37,14 +37,6 @@ DOWNLOAD_TIMEOUT_S = 30
 
 class WeightsNotFoundError(FileNotFoundError):
     """A pretrained file is neither present nor downloadable; the message says what to do."""
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 LEDGER = "SHA256SUMS.json"
@@ -89,7 +81,7 @@ def check_hash(path: Path, expected: str | None = None) -> str:
     Raises:
         ValueError: the digest does not match, naming the file and both values.
     """
-    digest = sha256_of(path)
+    digest = file_sha256(path)
     wanted = _expected(path, expected, {})
     if wanted is not None and not digest.startswith(wanted):
         raise ValueError(
@@ -157,7 +149,7 @@ def resolve_weights(
     target = folder / file
     expected = _expected(target, sha256, _ledger(folder))
     if target.is_file():
-        digest = sha256_of(target)
+        digest = file_sha256(target)
         if expected is not None and not digest.startswith(expected):
             raise ValueError(
                 f"{target}: sha256 {digest} does not match the expected {expected} (recorded in "
