@@ -333,6 +333,9 @@ class Trainer:
                 self.scaler.scale(losses["loss"] / self.accumulation).backward()
             for key, value in losses.items():
                 terms[key] = terms.get(key, 0.0) + float(value.detach()) / self.accumulation
+        if self.plan.optimizer.grad_clip is not None:  # mmcv's OptimizerHook grad_clip: the global L2 norm
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=self.plan.optimizer.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)

@@ -3,6 +3,7 @@ a torn log line and orphaned temporaries after a kill, Ctrl-C, out-of-range knob
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import models
 from data.prepare import prepare_dataset
@@ -226,3 +228,20 @@ def test_the_progress_line_leads_with_what_a_person_follows() -> None:
     line = progress_line(120, 400, 100, time.perf_counter() - 10.0, values)  # 20 iterations in 10 s
     assert line.startswith("iter 120/400 (30%) | loss 1.2346 | lr 2.00e-04 | eta 2m")
     assert line.endswith("| 12.3 img/s | mem 812 MB") and "loss_mask" not in line and len(line) < 120
+
+
+def test_the_recipe_grad_clip_is_applied(twin: Path, tmp_path: Path) -> None:
+    """`optimizer.grad_clip` (mmcv's OptimizerHook grad_clip) was accepted and ignored: it clips the global norm."""
+    torch.manual_seed(0)  # what the run's initialisation does (seed 0), so the runs start from these weights
+    model = models.create_segmentor(NAME, preset="tiny")
+    start = {name: p.detach().clone() for name, p in model.named_parameters()}
+
+    def moved(clip: float | None) -> float:
+        spec = _spec(twin, tmp_path / f"run_{clip}", max_iters=1, eval_interval=100, checkpoint_interval=1)
+        overrides = models.zoo.resolved_overrides(NAME, {"optimizer.grad_clip": clip}, preset="tiny")
+        result = run_training(dataclasses.replace(spec, overrides=overrides))
+        state = load_checkpoint_file(result.last_checkpoint)["state_dict"]
+        return max(float((state[k] - start[k]).abs().max()) for k in start)
+
+    # Adam moves every weight by about lr * g / (|g| + eps): a gradient clipped far below eps barely moves it
+    assert moved(1e-12) < 1e-3 * moved(None)
