@@ -5,6 +5,8 @@ PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
+# the install lists every package it adds with V=1 (make install V=1); one summary line otherwise
+QUIET := $(if $(V),,-q)
 # uv is much faster than pip but ignores pip's config: give it the local wheel folder when it exists.
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
@@ -27,14 +29,15 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q --upgrade uv || true
-	@if [ -x $(BIN)/uv ] && $(BIN)/uv pip install --python $(BIN)/python $(FIND_LINKS) -e ".[test]"; then \
-		echo "installed with uv"; \
+	@echo "installing the project and its dependencies into $(VENV) (uv; 'make install V=1' lists the packages)"
+	@$(BIN)/python -m pip install -q --upgrade uv 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+	@if [ -x $(BIN)/uv ] && $(BIN)/uv pip install $(QUIET) --python $(BIN)/python $(FIND_LINKS) -e ".[test]"; then \
+		echo "installed with uv: $$($(BIN)/uv pip list --python $(BIN)/python 2>/dev/null | tail -n +3 | wc -l) packages in $(VENV)"; \
 	else \
 		echo "uv unavailable or failed: installing with pip"; \
-		$(BIN)/python -m pip install -e ".[test]"; \
+		$(BIN)/python -m pip install $(QUIET) -e ".[test]"; \
 	fi
-	touch $@
+	@touch $@
 
 install: $(VENV)/.installed
 
@@ -63,8 +66,8 @@ demo: install
 	@echo
 	@echo "Done. The comparison with the published table: artifacts/reports/report.md"
 	@echo "Metrics: metrics/ (dvc metrics show); training curves: artifacts/plots/index.html"
-	@echo "Open the MLflow UI with:"
-	@echo "  $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000"
+	@echo "The MLflow UI (start the server, then open the address: our runs beside the published numbers):"
+	@sed -n 's/^- experiment `\(.*\)`: /  \1: /p' artifacts/reports/report.md
 	@echo "The commands (vitadapter, dvc, mlflow, prefect) are in $(BIN): run 'make shell' or 'source $(BIN)/activate'"
 
 shell: install

@@ -46,16 +46,60 @@ def check_replaceable(destination: str | os.PathLike[str], *, force: bool = Fals
     destination = Path(destination)
     if destination.is_file():
         raise ForeignFolderError(f"{destination} is a file, not a folder: choose another output folder")
-    if force or not destination.is_dir() or (destination / OWNER_MARKER).is_file():
-        return
-    entries = sorted(p.name for p in destination.iterdir())
-    if entries:
-        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+    listing = None if force else _foreign_listing(destination)
+    if listing:
         raise ForeignFolderError(
-            f"{destination} is not empty ({len(entries)} entries: {shown}) and was not written by vitadapter "
-            f"(no {OWNER_MARKER}): refusing to replace it; choose an empty or new folder, or pass --force to "
-            "replace it anyway"
+            f"{destination} is not empty ({listing}) and was not written by vitadapter (no {OWNER_MARKER}): "
+            "refusing to replace it; choose an empty or new folder, or pass --force to replace it anyway"
         )
+
+
+def _foreign_listing(destination: Path) -> str | None:
+    """``N entries: a, b, c, ...`` of a non-empty folder without :data:`OWNER_MARKER`; None otherwise."""
+    if not destination.is_dir() or (destination / OWNER_MARKER).is_file():
+        return None
+    entries = sorted(p.name for p in destination.iterdir())
+    if not entries:
+        return None
+    return f"{len(entries)} entries: " + ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+
+
+def check_claimable(destination: str | os.PathLike[str]) -> None:
+    """Refuse to write files into ``destination`` unless it is new, empty, or marked with :data:`OWNER_MARKER`.
+
+    Read-only (every rank of a distributed run may check before one of them claims it, :func:`claim_folder`).
+
+    Raises:
+        ForeignFolderError: naming the folder, what was found and the way out.
+    """
+    destination = Path(destination)
+    if destination.exists() and not destination.is_dir():
+        raise ForeignFolderError(f"{destination} is a file, not a folder: choose another output folder")
+    listing = _foreign_listing(destination)
+    if listing:
+        raise ForeignFolderError(
+            f"{destination} is not empty ({listing}) and was not written by vitadapter (no {OWNER_MARKER}): "
+            "refusing to write into it; choose an empty or new folder"
+        )
+
+
+def claim_folder(destination: str | os.PathLike[str], *, writer: str = "vitadapter") -> Path:
+    """Create ``destination`` (or keep one the project wrote) to write files into one by one, each atomically.
+
+    Unlike :func:`atomic_directory` the folder is not replaced: files are added to it and files of the same
+    name overwritten. It gets :data:`OWNER_MARKER` (naming ``writer``), so a later run may write into it again.
+
+    Raises:
+        ForeignFolderError: ``destination`` is a file, or a non-empty folder without the marker
+            (:func:`check_claimable`).
+    """
+    destination = Path(destination)
+    check_claimable(destination)
+    destination.mkdir(parents=True, exist_ok=True)
+    marker = destination / OWNER_MARKER
+    if not marker.is_file():
+        write_json_atomic(marker, {"written_by": writer})
+    return destination
 
 
 def check_disjoint(source: str | os.PathLike[str], destination: str | os.PathLike[str]) -> None:
@@ -109,6 +153,11 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     return atomic_write(path, lambda handle: handle.write(text.encode()))
+
+
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (e.g. an image encoded with ``cv2.imencode``)."""
+    return atomic_write(path, lambda handle: handle.write(data))
 
 
 def write_json_atomic(path: str | os.PathLike[str], payload: Any) -> Path:

@@ -44,3 +44,23 @@ def model_overrides(args: argparse.Namespace, *, name: str | None = None) -> dic
     overrides = models.zoo.resolved_overrides(name or args.name, given, preset=getattr(args, "preset", None))
     models.get_config(name or args.name, overrides)  # the cross-field checks, before anything runs
     return overrides
+
+
+def add_tracking_options(parser: argparse.ArgumentParser) -> None:
+    """``--tracking-uri``, ``--experiment`` and ``--no-tracking``: stand-alone runs go to MLflow as the
+    pipeline's do."""
+    parser.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db, the pipeline's store)",
+    )
+    parser.add_argument(
+        "--experiment", default="vitadapter", help="MLflow experiment (default vitadapter, the pipeline's)"
+    )
+    parser.add_argument("--no-tracking", action="store_true", help="do not record the run in MLflow")
+
+
+def tracker_from(args: argparse.Namespace) -> Any:
+    """The MLflow tracker the tracking options ask for (None with ``--no-tracking``)."""
+    from pipelines.orchestration.tracked import command_tracker
+
+    return command_tracker(args.tracking_uri, args.experiment, enabled=not args.no_tracking)

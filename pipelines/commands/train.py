@@ -10,7 +10,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from pipelines.commands.common import add_model_options, model_overrides
+from pipelines.commands.common import add_model_options, add_tracking_options, model_overrides, tracker_from
 from pipelines.config.knobs import add_knob_flags
 from pipelines.config.params import DEFAULT_PATHS
 
@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 def _train(args: argparse.Namespace) -> int:
     from pipelines.config.knobs import knobs_from_flags
     from pipelines.engine.trainer import TrainingInterruptedError
-    from pipelines.runs.training import RunSpec, run_training
+    from pipelines.orchestration.tracked import train_command_tracked
+    from pipelines.runs.training import RunSpec
 
     runs_dir = Path(args.runs_dir)
     spec = RunSpec(
@@ -37,7 +38,7 @@ def _train(args: argparse.Namespace) -> int:
         preset=args.preset,
     )
     try:
-        result = run_training(spec)
+        result = train_command_tracked(spec, tracker_from(args))
     except TrainingInterruptedError as err:
         log.warning("%s", err)
         return 128 + err.signum  # 143 (SIGTERM) or 130 (Ctrl-C): a checkpoint was written; rerun to resume
@@ -53,7 +54,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Train a zoo entry with its recipe (optimizer, layer decay, schedule, global batch 16). Rerunning the "
             "same command resumes from the run folder's latest checkpoint. For several GPUs or nodes launch it "
-            "with torchrun, e.g. `torchrun --nproc-per-node 8 -m pipelines.cli train NAME --data DIR`."
+            "with torchrun, e.g. `torchrun --nproc-per-node 8 -m pipelines.cli train NAME --data DIR`. The run is "
+            "recorded in MLflow as the pipeline records its runs (run name: the run folder's name; --no-tracking "
+            "to skip)."
         ),
     )
     parser.add_argument("name", help="zoo entry (see 'vitadapter configs list')")
@@ -81,5 +84,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=f"pretrained/released files (default {DEFAULT_PATHS.weights})",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_tracking_options(parser)
     add_knob_flags(parser)
     parser.set_defaults(func=_train)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -29,6 +29,8 @@ from pipelines.engine.metrics import SegMetrics
 log = logging.getLogger(__name__)
 
 EvalPrecision = Literal["fp32", "bf16", "fp16"]
+# called with each evaluated item and its (H, W) predicted train ids, after the item is scored
+OnPrediction = Callable[[dict[str, Any], np.ndarray], None]
 PrecisionChoice = Literal["recipe", "fp32", "bf16", "fp16"]
 
 
@@ -159,8 +161,12 @@ def evaluate(
     total: int | None = None,
     progress: bool = True,
     distributed: bool = False,
+    on_prediction: OnPrediction | None = None,
 ) -> dict[str, Any]:
     """Metrics over ``items`` (``{"image": (H, W, 3) uint8 BGR, "label": (H, W) train ids, ...}``).
+
+    ``on_prediction(item, pred)`` (optional) sees every item of this rank with its (H, W) predicted train ids
+    after it is scored (e.g. to draw it).
 
     Returns:
         ``aAcc``, ``mIoU``, ``mAcc`` in percent, ``num_images`` and ``per_class`` (see :class:`SegMetrics`).
@@ -180,6 +186,8 @@ def evaluate(
             source=str(item.get("key", "an image")),
         )
         metrics.update(pred, np.asarray(item["label"]))
+        if on_prediction is not None:
+            on_prediction(item, pred)
     if distributed:
         metrics.all_reduce()
     return metrics.compute()

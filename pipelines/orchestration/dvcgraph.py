@@ -132,7 +132,9 @@ def build_dvc_graph(
         "cmd": f"vitadapter pipeline report --params {params_file}",
         "deps": eval_metrics,
         "params": [{params_file: ["tracking"]}],
-        "outs": [str(Path(params.paths.reports) / "report.md")],
+        # not cached: the stage also records in MLflow (the reference rows, the report run, the UI addresses of
+        # the store in use), so DVC's run cache must never restore it instead of running it
+        "outs": [_metric(Path(params.paths.reports) / "report.md")],
         "metrics": [_metric(metrics / "report.json")],
     }
     return {"stages": stages}

@@ -36,6 +36,7 @@ from prefect.states import State
 
 from pipelines.config.params import DEFAULT_PATHS, Params, ParamsError, load_params
 from pipelines.orchestration import stages
+from pipelines.orchestration.tracked import FLOW_RUN_ENV
 from pipelines.runs.folder import signature_of
 from pipelines.runs.weights import WeightsNotFoundError
 
@@ -222,7 +223,7 @@ def _export_flow_run_id() -> None:
     """Let the stages (and torchrun's processes) tag their MLflow runs with this flow run."""
     flow_run_id = flow_run.id
     if flow_run_id:
-        os.environ[stages.FLOW_RUN_ENV] = flow_run_id
+        os.environ[FLOW_RUN_ENV] = flow_run_id
 
 
 def _train_and_evaluate(params: Params, params_file: str, run: str, *, position: str = "") -> None:

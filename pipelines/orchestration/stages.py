@@ -21,22 +21,19 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import cuda_ops
 from data.atomic import write_json_atomic as write_json
 from data.atomic import write_text_atomic
 from pipelines.config.params import Params, ParamsError, RunParams
+from pipelines.orchestration.tracked import data_inputs, run_tags, train_tracked
 from pipelines.reporting.records import FALLBACK_DB
 from pipelines.reporting.report import report_markdown, report_rows
 from pipelines.runs import evaluation as evaluation_module
-from pipelines.runs.evaluation import backends_label
 from pipelines.runs.folder import RunFolder, signature_of
 from pipelines.runs.recipe_diff import read_diff
 from pipelines.runs.training import RunSpec
 
 log = logging.getLogger(__name__)
 
-STAGE_ENV = "VITADAPTER_STAGE"
-FLOW_RUN_ENV = "VITADAPTER_FLOW_RUN_ID"
 WORKER_FLAG = "--worker"
 
 
@@ -181,9 +178,7 @@ def train_stage(
         subprocess.run(command, check=True)
         return read_train_summary(params, name)
     from pipelines.engine.distributed import barrier, init_distributed
-    from pipelines.reporting.records import TrainingCallback
     from pipelines.reporting.tracking import Tracker
-    from pipelines.runs.training import run_training
 
     spec = run_spec(params, name)
     dist_info = init_distributed(spec.device)
@@ -193,41 +188,28 @@ def train_stage(
             folder.prepare_for(run_signature(params, name), run=name)
     barrier()
     finished = finished_training(params, name, spec)
-    if finished is not None:  # a rerun of a finished run: no new MLflow run, no rewritten metrics
+    if finished is not None:  # a rerun of a finished run: no new MLflow run, the same metric files
         log.info("run %s is finished (%s): nothing to train", name, folder.path)
+        if (
+            dist_info.is_main
+        ):  # `dvc repro --force` deletes a stage's metric files before it runs: put them back
+            write_curves(params, name)
+            write_record(params, f"{name}/train.json", finished)
         return finished
     tracker = (
         Tracker(params.tracking, fallback_dir=Path(params.paths.tracking_fallback))
         if dist_info.is_main
         else None
     )
-    callbacks = []
-    if tracker is not None:
-        tracker.start_training_run(
-            run_name=name,
-            config=spec.config(),
-            run_params=run,
-            tags=_tags(params, name, run, stage=f"train@{name}"),
-            parent=_chain_root(params, name),
-        )
-        callbacks.append(TrainingCallback(tracker))
-    before = cuda_ops.backend_usage()
-    try:
-        result = run_training(spec, callbacks=callbacks)
-    except BaseException:
-        if tracker is not None:
-            tracker.end_run("FAILED")
-        raise
-    backend = backends_label(cuda_ops.usage_since(before))
-    if tracker is not None:
-        tracker.log_params({"deform_attn_backend": backend})
-        diff = _training_diff(params, name)
-        if diff is not None:
-            tracker.log_recipe_diff(diff)
-        weights = result.best_checkpoint or result.last_checkpoint
-        if weights is not None:  # the MLflow model (pyfunc), registered under the zoo entry's name
-            tracker.log_model(checkpoint=Path(weights), config=spec.config(), overrides=spec.overrides)
-        tracker.end_run()
+    result, backend = train_tracked(
+        spec,
+        tracker,
+        run_name=name,
+        run=run,
+        tags=_tags(params, name, run, stage=f"train@{name}"),
+        parent=_chain_root(params, name),
+        training_diff=lambda: _training_diff(params, name),
+    )
     if not dist_info.is_main:
         return {}
     diff = _training_diff(params, name)
@@ -386,6 +368,7 @@ def evaluate_stage(params: Params, name: str, mode: str) -> dict[str, Any]:
         artifacts=evaluation.artifacts,
         tags=_tags(params, name, run, stage=f"evaluate@{name}-{mode}"),
         confusion_files=confusion_files,
+        inputs=data_inputs(params.data_dir(run.dataset), {"val": "evaluation"}),
     )
     write_text_atomic(fingerprint_file, fingerprint + "\n")  # after the records: a crash before re-evaluates
     return result
@@ -416,6 +399,14 @@ def report_stage(params: Params) -> dict[str, Any]:
     )
     tracker = Tracker(params.tracking, fallback_dir=Path(params.paths.tracking_fallback))
     tracker.sync_reference_experiment()
+    addresses = tracker.ui_addresses()
+    if addresses:  # the report says where the same comparison is in the MLflow UI
+        text += "\n## In the MLflow UI\n\n" + "".join(
+            f"- experiment `{name}`: {hint}\n" for name, hint in addresses.items()
+        )
+        write_text_atomic(report, text)
+        for name, hint in addresses.items():
+            log.info("MLflow experiment %s: %s", name, hint)
     tracker.log_report(report, rows)
     return summary
 
@@ -423,35 +414,11 @@ def report_stage(params: Params) -> dict[str, Any]:
 # -- tags -------------------------------------------------------------------------------------------
 
 
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
 def _tags(params: Params, name: str, run: RunParams, *, stage: str) -> dict[str, str]:
     index_sha = read_record(params, f"data/{run.dataset}.json").get("index_sha256", "")
-    tags = {
-        "vitadapter.run": name,
-        "vitadapter.zoo_entry": run.config,
-        "vitadapter.dataset": run.dataset,
-        "vitadapter.data_index_sha256": index_sha,
-        "vitadapter.dvc_stage": os.environ.get(STAGE_ENV, stage),
-        "vitadapter.preset": run.preset or "",
-        "vitadapter.overrides": json.dumps(run.overrides, sort_keys=True),
-        "vitadapter.params": json.dumps(asdict(run.train), sort_keys=True),
-    }
-    commit = git_commit()
-    if commit:
-        tags["mlflow.source.git.commit"] = commit
-    flow_run = os.environ.get(FLOW_RUN_ENV)
-    if flow_run:
-        tags["vitadapter.prefect_flow_run_id"] = flow_run
-    return tags
+    return run_tags(
+        name, run, dataset=run.dataset, index_sha256=index_sha, stage=stage, overrides=run.overrides
+    )
 
 
 def _chain_root(params: Params, name: str) -> str | None:

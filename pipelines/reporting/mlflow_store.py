@@ -4,6 +4,7 @@ unreachable store. :class:`pipelines.reporting.tracking.Tracker` (fallback, trai
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -12,7 +13,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipelines.config.params import Tracking
+from pipelines.reporting.mlflow_views import (
+    SUMMARY_TEXT_TAG,
+    VIEW_TAG,
+    DatasetInput,
+    run_summary,
+    view_tag_value,
+)
 from pipelines.reporting.records import (
+    DESCRIPTION_TAG,
     EXPERIMENT_KIND,
     EXPERIMENT_KIND_TAG,
     MAX_TAG_VALUE,
@@ -58,14 +67,33 @@ def is_unreachable(err: Exception) -> bool:
 
 
 class MlflowStore:
-    """One tracking store: a client bound to its URI and the experiment ids resolved on it."""
+    """One tracking store: a client bound to its URI and the experiment ids resolved on it.
 
-    def __init__(self, uri: str, *, artifact_root: Path | None = None) -> None:
+    Args:
+        uri: the tracking URI.
+        artifact_root: where experiments created here keep their artifacts (default: ``mlruns`` beside the
+            database of a ``sqlite:///`` store, else the store's own default).
+        views: a runs-table view (:mod:`pipelines.reporting.mlflow_views`) per experiment name, saved on the
+            experiment (tag ``mlflow.sharedViewState.vitadapter``) when it is first resolved here.
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        *,
+        artifact_root: Path | None = None,
+        views: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> None:
         from mlflow import MlflowClient
 
         self.uri = uri
         self.client: MlflowClient = MlflowClient(tracking_uri=uri)
+        if artifact_root is None and uri.startswith("sqlite:///"):
+            # a local store keeps its artifacts beside its database (MLflow's default is ./mlruns of
+            # whichever folder the process runs in)
+            artifact_root = Path(uri.removeprefix("sqlite:///")).parent / "mlruns"
         self._artifact_root = artifact_root
+        self._views = dict(views or {})
         self._experiments: dict[str, str] = {}
 
     def experiment_id(self, name: str) -> str:
@@ -92,8 +120,33 @@ class MlflowStore:
             experiment_id = experiment.experiment_id
             if experiment.lifecycle_stage == "deleted":
                 self.client.restore_experiment(experiment_id)
+        view = self._views.get(name)
+        saved = {} if experiment is None else experiment.tags
+        if view is not None and saved.get(VIEW_TAG) != view_tag_value(view):  # a newer version's columns
+            self.client.set_experiment_tag(experiment_id, VIEW_TAG, view_tag_value(view))
         self._experiments[name] = experiment_id
         return experiment_id
+
+    def log_inputs(self, run_id: str, inputs: list[DatasetInput]) -> None:
+        """The datasets a run read (``mlflow.log_input``; the UI's Dataset column and run page)."""
+        from mlflow.entities import Dataset, InputTag
+        from mlflow.entities import DatasetInput as MlflowDatasetInput
+
+        entries = [
+            MlflowDatasetInput(
+                Dataset(
+                    name=item.name,
+                    digest=item.digest,
+                    source_type="local",
+                    source=json.dumps({"uri": item.source}),
+                    profile=json.dumps(item.profile),
+                ),
+                tags=[InputTag("mlflow.data.context", item.context)],
+            )
+            for item in inputs
+        ]
+        if entries:
+            self.client.log_inputs(run_id, datasets=entries)
 
     def find_runs(
         self, experiment: str, tags: Mapping[str, str], *, max_results: int = 1000, newest_first: bool = True
@@ -157,3 +210,16 @@ def record_diff(store: MlflowStore, run_id: str, diff: Mapping[str, Any]) -> Non
         metrics={"recipe_deviations": len(diff["deviations"])},
         tags={TAG_COMPARABLE: str(bool(diff["comparable"])).lower()},
     )
+
+
+def refresh_summary(store: MlflowStore, run_id: str) -> None:
+    """Refresh the table at the top of training run ``run_id``'s page from its own metrics: SS/MS mIoU beside
+    the published numbers, best validation mIoU, last total loss (:func:`pipelines.reporting.mlflow_views.run_summary`)."""
+    run = store.client.get_run(run_id)
+    metrics = dict(run.data.metrics)
+    validation = [m.value for m in store.client.get_metric_history(run_id, "val/mIoU")]
+    if validation:
+        metrics["val/mIoU"] = max(validation)
+    text = run.data.tags.get(SUMMARY_TEXT_TAG, "")
+    published = {mode: metrics.get(f"published_{mode}_mIoU") for mode in ("ss", "ms")}
+    store.log(run_id, tags={DESCRIPTION_TAG: run_summary(text, metrics, published)})

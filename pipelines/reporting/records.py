@@ -25,6 +25,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import models
+from pipelines.reporting.mlflow_views import percent
 
 if TYPE_CHECKING:
     from pipelines.reporting.tracking import Tracker
@@ -55,6 +56,7 @@ CURVE_ARTIFACT = "training_curve.png"
 RECIPE_DIFF_ARTIFACT = "recipe_diff.json"  # pipelines.runs.recipe_diff, on training and evaluation runs
 TAG_COMPARABLE = "comparable_to_published"  # "true" when the run's recipe diff has no deviation
 HEADLINE_KEYS = frozenset({"loss", "lr"})
+LOSS_DECIMALS = 4
 PERF_KEYS = frozenset({"time_per_iter", "images_per_s", "peak_memory_mb"})
 VAL_KEYS = ("mIoU", "aAcc", "mAcc")
 # MLflow 3's limits on one param / tag value; longer values are clipped (config.json keeps them whole)
@@ -98,7 +100,8 @@ def evaluation_metrics(mode: str, metrics: Mapping[str, Any]) -> dict[str, float
     """The metrics of an evaluation run: plain names and ``<mode>_`` names (as on the training run)."""
     names = {"published_miou": "published_mIoU", "delta_miou": "delta_mIoU"}
     keys = ("mIoU", "aAcc", "mAcc", "num_images", "published_miou", "delta_miou")
-    plain = finite({names.get(key, key): metrics.get(key) for key in keys})
+    # percentages rounded as the published tables print them (the metric files keep every digit)
+    plain = finite({names.get(key, key): percent(metrics.get(key)) for key in keys})
     prefixed = {
         f"{mode}_{k}" if k != "published_mIoU" else f"published_{mode}_mIoU": v for k, v in plain.items()
     }
@@ -164,7 +167,7 @@ def training_curve(log_file: Path) -> Any:
     iterations = [record["iteration"] for record in records]
     figure = Figure(figsize=(9, 3.5), layout="constrained")
     loss_axes, lr_axes = figure.subplots(1, 2)
-    # the total loss only: the per-term losses (30 for Mask2Former) are MLflow metrics under loss_terms/
+    # the total loss only: the per-term losses (30 for Mask2Former) are MLflow metrics under weighted_loss_terms/
     loss_axes.plot(iterations, [record["loss"] for record in records], color="tab:blue")
     loss_axes.set(xlabel="iteration", ylabel="total loss", title="training loss")
     loss_axes.grid(alpha=0.3)
@@ -196,21 +199,27 @@ class TrainingCallback:
         self.tracker = tracker
 
     def on_log(self, iteration: int, values: dict[str, float]) -> None:
-        """Total loss and lr as ``train/loss``, ``train/lr`` (charted first), every per-term loss under one
-        prefix ``loss_terms/<key>``, throughput and memory unprefixed; at step ``iteration``."""
+        """Total loss and lr as ``train/loss``, ``train/lr`` (logged first: listed first on the run page), every
+        per-term loss (as weighted in the total) under one prefix ``weighted_loss_terms/<key>`` (its charts
+        section sorts after ``train`` and ``val``), throughput and memory unprefixed; at ``iteration``."""
+        values = {**{k: values[k] for k in ("loss", "lr") if k in values}, **values}
         named = {
             key
             if key in PERF_KEYS
             else f"train/{key}"
             if key in HEADLINE_KEYS
-            else f"loss_terms/{key}": value
+            else f"weighted_loss_terms/{key}": value
+            if key in PERF_KEYS or key == "lr" or not isinstance(value, float)
+            else round(value, LOSS_DECIMALS)  # losses as mmseg logs them (4 decimals): a readable runs table
             for key, value in values.items()
         }
         self.tracker.log_metrics(named, step=iteration)
 
     def on_eval(self, iteration: int, metrics: dict[str, Any]) -> None:
         """``val/mIoU``, ``val/aAcc``, ``val/mAcc`` at step ``iteration``."""
-        self.tracker.log_metrics({f"val/{key}": metrics.get(key) for key in VAL_KEYS}, step=iteration)
+        self.tracker.log_metrics(
+            {f"val/{key}": percent(metrics.get(key)) for key in VAL_KEYS}, step=iteration
+        )
 
     def on_checkpoint(self, iteration: int, path: Path, best: bool) -> None:
         """Tag the last (or best) checkpoint's path and iteration."""

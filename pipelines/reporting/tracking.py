@@ -21,7 +21,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from pipelines.config.params import RunParams, Tracking
-from pipelines.reporting.mlflow_store import MlflowStore, configure_mlflow, is_unreachable, record_diff
+from pipelines.reporting.mlflow_store import (
+    MlflowStore,
+    configure_mlflow,
+    is_unreachable,
+    record_diff,
+    refresh_summary,
+)
+from pipelines.reporting.mlflow_views import (
+    SUMMARY_TEXT_TAG,
+    DatasetInput,
+    reference_view_state,
+    run_summary,
+    runs_view_state,
+    ui_hint,
+)
 from pipelines.reporting.records import (
     CURVE_ARTIFACT,
     DESCRIPTION_TAG,
@@ -55,6 +69,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+EVAL_PARAM_KEYS = ("run", "config", "mode", "checkpoint", "precision", "tf32", "deform_attn_backend")
 
 # tracking URIs found unreachable in this process: every later Tracker logs to its fallback at once
 _UNREACHABLE: set[str] = set()
@@ -69,6 +84,7 @@ class _TrainingRun:
     run_params: RunParams
     tags: dict[str, str]
     parent: str | None
+    inputs: list[DatasetInput]
 
 
 class Tracker:
@@ -111,8 +127,15 @@ class Tracker:
         if self._store is None:
             if self.settings.uri in _UNREACHABLE:
                 return self._use_fallback(None)
-            self._store = MlflowStore(self.settings.uri)
+            self._store = MlflowStore(self.settings.uri, views=self._views())
         return self._store
+
+    def _views(self) -> dict[str, dict[str, Any]]:
+        """The runs-table view saved on each of our experiments (:mod:`pipelines.reporting.mlflow_views`)."""
+        return {
+            self.settings.experiment: runs_view_state(),
+            self.settings.reference_experiment: reference_view_state(),
+        }
 
     def _use_fallback(self, err: Exception | None) -> MlflowStore:
         """Switch to the local store (once) and re-open the active training run there."""
@@ -122,7 +145,9 @@ class Tracker:
         log.warning("MLflow tracking URI %s %s: logging to %s", self.settings.uri, reason, self.fallback_uri)
         _UNREACHABLE.add(self.settings.uri)
         self._store = None  # if the local store cannot be opened either, the next call tries again
-        self._store = MlflowStore(self.fallback_uri, artifact_root=self.fallback_dir / FALLBACK_ARTIFACTS)
+        self._store = MlflowStore(
+            self.fallback_uri, artifact_root=self.fallback_dir / FALLBACK_ARTIFACTS, views=self._views()
+        )
         self._on_fallback = True
         active, self._run_id = self._run_id, None  # stays None if re-opening fails: later calls are no-ops
         if active is not None:
@@ -169,6 +194,7 @@ class Tracker:
         run_params: RunParams,
         tags: dict[str, str],
         parent: str | None,
+        inputs: list[DatasetInput] | None = None,
     ) -> None:
         """Start, or resume when its last run did not finish, the MLflow run of training run ``run_name``.
 
@@ -179,10 +205,12 @@ class Tracker:
             tags: tags of the run (git commit, DVC stage, data checksum, Prefect flow run, ...).
             parent: first run of the chain this run belongs to (its runs become children of one chain
                 run), or None.
+            inputs: the datasets it reads (:func:`pipelines.reporting.mlflow_views.dataset_input`), logged as
+                MLflow dataset inputs.
         """
         if not self.settings.enabled:
             return
-        self._training = _TrainingRun(run_name, config, run_params, dict(tags), parent)
+        self._training = _TrainingRun(run_name, config, run_params, dict(tags), parent, list(inputs or ()))
         self._run_name = run_name
         self._run_id = self._guarded(f"start the run of {run_name}", self._open_training_run)
 
@@ -198,13 +226,15 @@ class Tracker:
             TAG_RUN: spec.run_name,
             TAG_KIND: KIND_TRAIN,
             TAG_ZOO: spec.config.name,
-            DESCRIPTION_TAG: (
-                f"Training run {spec.run_name}: {spec.config.name} on {spec.config.data.dataset}, {iterations} "
-                f"iterations. Its evaluations are the child runs; the published numbers are the metrics "
-                f"published_ss_mIoU / published_ms_mIoU here and the rows of experiment "
-                f"{self.settings.reference_experiment}."
-            ),
         }
+        text = (
+            f"Training run {spec.run_name}: {spec.config.name} on {spec.config.data.dataset}, {iterations} "
+            f"iterations. Its evaluations are the runs of its group; the published rows are in experiment "
+            f"{self.settings.reference_experiment}."
+        )
+        published_numbers = {"ss": spec.config.published.miou_ss, "ms": spec.config.published.miou_ms}
+        tags[SUMMARY_TEXT_TAG] = text
+        tags[DESCRIPTION_TAG] = run_summary(text, {}, published_numbers)
         if spec.parent is not None:
             tags[TAG_CHAIN] = spec.parent
             tags[PARENT_TAG] = self._chain_run(store, spec.parent)
@@ -219,6 +249,9 @@ class Tracker:
             run_id = store.create_run(experiment, spec.run_name, tags)
             logged = {}
         params = {**flatten_params(spec.config.to_dict()), **flatten_params(asdict(spec.run_params), "run")}
+        # the backend asked for; the param deform_attn_backend is the one that ran (logged when training ends)
+        if "deform_attn_backend" in params:
+            params["deform_attn_backend_requested"] = params.pop("deform_attn_backend")
         # what ran, not the recipe's numbers beside it: the run's iterations, batch and processes
         knobs, world = spec.run_params.train, max(spec.run_params.gpus, 1) * spec.run_params.nodes
         params["schedule.max_iters"] = str(knobs.max_iters or spec.config.schedule.max_iters)
@@ -243,6 +276,8 @@ class Tracker:
                 "published_params_M": published.params_m,
             },
         )
+        if not resumed:
+            store.log_inputs(run_id, spec.inputs)
         self._start_monitor(store, run_id, resumed)
         return run_id
 
@@ -312,6 +347,7 @@ class Tracker:
             frame = inspect.currentframe()
             status = final_status(status, frame.f_back if frame is not None else None)
             self._stop_monitor()
+            self._guarded("summarise the run", lambda store: refresh_summary(store, self._run_id))
             self._guarded("end the run", lambda store: store.client.set_terminated(self._run_id, status))
         self._stop_monitor()  # a switch to the fallback store during the call re-opened the run there
         self._run_id = None
@@ -346,6 +382,7 @@ class Tracker:
         artifacts: list[Path],
         tags: dict[str, str],
         confusion_files: list[Path] | None = None,
+        inputs: list[DatasetInput] | None = None,
     ) -> None:
         """An evaluation run under the training run ``run_name``; its numbers also go on that run.
 
@@ -358,6 +395,7 @@ class Tracker:
             artifacts: sample overlay images.
             tags: tags of the run.
             confusion_files: the confusion matrix's CSV and heat map (logged under ``confusion_<mode>``).
+            inputs: the dataset it read (an MLflow dataset input).
         """
 
         def record(store: MlflowStore) -> None:
@@ -366,6 +404,11 @@ class Tracker:
             eval_tags = {**tags, TAG_RUN: run_name, TAG_KIND: KIND_EVAL, TAG_MODE: mode}
             if found:
                 eval_tags[PARENT_TAG] = found[0].info.run_id
+                # the vocabulary shared with the published rows (dataset, head, crop, ...), as on its training run
+                shared = ("dataset", "head", "crop", "schedule", "pretrained")
+                eval_tags.update({k: v for k, v in found[0].data.tags.items() if k in shared})
+            elif "vitadapter.dataset" in tags:
+                eval_tags.setdefault("dataset", tags["vitadapter.dataset"])
             else:
                 log.info("no MLflow training run of %s: logging a stand-alone evaluation run", run_name)
             run_id = store.create_run(experiment, f"{run_name}-eval-{mode}", eval_tags)
@@ -373,22 +416,11 @@ class Tracker:
             store.log(
                 run_id,
                 metrics=summary,
-                params={
-                    k: str(metrics[k])
-                    for k in (
-                        "run",
-                        "config",
-                        "mode",
-                        "checkpoint",
-                        "precision",
-                        "tf32",
-                        "deform_attn_backend",
-                    )
-                    if k in metrics
-                },
+                params={k: str(metrics[k]) for k in EVAL_PARAM_KEYS if k in metrics},
             )
             if metrics.get("recipe_diff") is not None:
                 record_diff(store, run_id, metrics["recipe_diff"])
+            store.log_inputs(run_id, list(inputs or ()))
             store.client.log_table(run_id, data=per_class, artifact_file=f"per_class_{mode}.json")
             for path in artifacts:
                 store.client.log_artifact(run_id, str(path), f"overlays_{mode}")
@@ -398,6 +430,7 @@ class Tracker:
             if found:
                 prefixed = {k: v for k, v in summary.items() if k.startswith(f"{mode}_")}
                 store.log(found[0].info.run_id, metrics=prefixed)
+                refresh_summary(store, found[0].info.run_id)
 
         self._guarded(f"log the {mode} evaluation of {run_name}", record)
 
@@ -445,3 +478,13 @@ class Tracker:
             store.client.set_terminated(run_id, "FINISHED")
 
         self._guarded("log the report", record)
+
+    def ui_addresses(self) -> dict[str, str]:
+        """Where to look in the MLflow UI: per experiment (ours, the reference rows), its runs table in our saved
+        view (:func:`pipelines.reporting.mlflow_views.ui_hint`); empty with tracking off or no store."""
+
+        def addresses(store: MlflowStore) -> dict[str, str]:
+            names = (self.settings.experiment, self.settings.reference_experiment)
+            return {name: ui_hint(store.uri, store.experiment_id(name)) for name in names}
+
+        return self._guarded("find the experiments", addresses) or {}

@@ -34,23 +34,31 @@ def _expected_layout(name: str, overrides: dict[str, Any]):
 
 
 def convert(
-    name: str, src: Path, dst: Path, *, overrides: dict[str, Any], to: str, strict: bool = True
+    name: str,
+    src: Path,
+    dst: Path,
+    *,
+    overrides: dict[str, Any],
+    to: str,
+    strict: bool = True,
+    state: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Validate the weights in ``src`` against zoo entry ``name`` and write them to ``dst``.
 
     Args:
-        name: zoo entry.
+        name: zoo entry (:func:`pipelines.runs.inputs.recorded_entry` finds the one a checkpoint records).
         src: official, project or training checkpoint file (or a release ``.zip``).
         dst: output file, written atomically.
         overrides: zoo overrides the weights were trained with.
         to: ``"project"`` (import) or ``"official"`` (export).
         strict: refuse any missing/unexpected/mis-shaped key.
+        state: the content of ``src`` when the caller has already read it.
 
     Returns:
         The key report (also written next to ``dst`` as ``<dst>.keys.json``).
     """
     config, expected = _expected_layout(name, overrides)
-    raw = load_checkpoint_file(src)
+    raw = state if state is not None else load_checkpoint_file(src)
     tensors = unwrap_state_dict(raw)
     report = compare_state_dict(expected, tensors, source=str(src))
     if strict and not report.complete:

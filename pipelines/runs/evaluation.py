@@ -27,6 +27,7 @@ from pipelines.config.specs import EvalMode, test_pipeline
 from pipelines.engine.distributed import DistInfo
 from pipelines.engine.evaluator import (
     InferenceSettings,
+    OnPrediction,
     PrecisionChoice,
     evaluate,
     resolve_precision,
@@ -102,6 +103,33 @@ class EvaluationResult:
         }
 
 
+def per_class_table(
+    per_class: dict[str, list], *, miou: float | None = None, macc: float | None = None
+) -> str:
+    """The per-class IoU and Acc (percent) as an aligned text table in class order, for a terminal.
+
+    Args:
+        per_class: ``{"name": [...], "IoU": [...], "Acc": [...]}`` (None: the class never occurs).
+        miou, macc: the means, as a last row (omitted when None).
+
+    Returns:
+        Lines ``id  class  IoU  Acc`` (a class that never occurs shows ``-``), joined by newlines.
+    """
+
+    def number(value: float | None) -> str:
+        return "-" if value is None or value != value else f"{value:.2f}"  # None or NaN
+
+    names = [str(name).strip() for name in per_class["name"]]
+    id_width = max(2, len(str(len(names) - 1)))
+    name_width = max([5, *(len(name) for name in names)])
+    rows = [f"{'id':>{id_width}}  {'class':<{name_width}}  {'IoU':>6}  {'Acc':>6}"]
+    for index, (name, iou, acc) in enumerate(zip(names, per_class["IoU"], per_class["Acc"], strict=True)):
+        rows.append(f"{index:>{id_width}}  {name:<{name_width}}  {number(iou):>6}  {number(acc):>6}")
+    if miou is not None or macc is not None:
+        rows.append(f"{'':>{id_width}}  {'mean':<{name_width}}  {number(miou):>6}  {number(macc):>6}")
+    return "\n".join(rows)
+
+
 def backends_label(used: dict[str, int]) -> str:
     """The backends that ran, as one label (``pytorch``, ``triton``, ``pytorch+triton``; ``none``)."""
     return "+".join(sorted(used)) or "none"
@@ -122,6 +150,7 @@ def evaluate_model(
     overlays_dir: Path | None = None,
     tf32: bool = True,
     training_diff: dict[str, Any] | None = None,
+    on_prediction: OnPrediction | None = None,
 ) -> EvaluationResult:
     """Evaluate ``model`` (zoo entry ``config``) on the validation split of ``data``.
 
@@ -140,6 +169,8 @@ def evaluate_model(
         tf32: TF32 convolutions and matmuls on CUDA (the reference's).
         training_diff: the recorded training recipe diff of the checkpoint's run (its run folder's
             ``recipe_diff.json``), folded into this evaluation's; None for a checkpoint not trained here.
+        on_prediction: called with each item this rank evaluates and its (H, W) predicted train ids
+            (:func:`pipelines.engine.evaluator.evaluate`; e.g. :class:`pipelines.runs.show.ComparisonWriter`).
 
     Raises:
         ValueError: ``ms`` for an entry without a multi-scale recipe.
@@ -169,6 +200,7 @@ def evaluate_model(
         total=source.total,
         progress=progress and rank == 0,
         distributed=dist_info is not None and dist_info.distributed,
+        on_prediction=on_prediction,
     )
     used = cuda_ops.usage_since(before)
     per_class = metrics.pop("per_class")

@@ -105,7 +105,14 @@ def test_evaluate_command_and_stage_write_and_log_the_matrix(
     assert logged == {"confusion_ss/confusion_ss.csv", "confusion_ss/confusion_ss.png"}
 
     out = tmp_path / "cli" / "metrics.json"
-    args = ["evaluate", "--checkpoint", str(checkpoint), "--data", str(loaded.data_dir("ade20k"))]
+    args = [
+        "evaluate",
+        "--no-tracking",
+        "--checkpoint",
+        str(checkpoint),
+        "--data",
+        str(loaded.data_dir("ade20k")),
+    ]
     assert main([*args, "--limit", "2", "--no-progress", "--out", str(out)]) == 0
     capsys.readouterr()
     names, from_cli = _read_csv(out.parent / "metrics.confusion.csv")

@@ -107,6 +107,7 @@ def test_two_train_commands_into_one_folder(twin: Path, tmp_path: Path) -> None:
             "-m",
             "pipelines.cli",
             "train",
+            "--no-tracking",
             NAME,
             *common,
             "--max-iters",
@@ -125,7 +126,17 @@ def test_two_train_commands_into_one_folder(twin: Path, tmp_path: Path) -> None:
             assert time.monotonic() < deadline
             time.sleep(0.2)
         second = subprocess.run(
-            [sys.executable, "-m", "pipelines.cli", "train", NAME, *common, "--max-iters", "2"],
+            [
+                sys.executable,
+                "-m",
+                "pipelines.cli",
+                "train",
+                "--no-tracking",
+                NAME,
+                *common,
+                "--max-iters",
+                "2",
+            ],
             capture_output=True,
             text=True,
             timeout=300,
@@ -153,7 +164,17 @@ def test_two_train_commands_into_one_folder(twin: Path, tmp_path: Path) -> None:
 def test_out_of_range_knobs_are_errors_not_defaults(
     twin: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, flag: str, value: str, message: str
 ) -> None:
-    args = ["train", NAME, "--data", str(twin), "--work-dir", str(tmp_path / "run"), flag, value]
+    args = [
+        "train",
+        "--no-tracking",
+        NAME,
+        "--data",
+        str(twin),
+        "--work-dir",
+        str(tmp_path / "run"),
+        flag,
+        value,
+    ]
     assert main(args) == 1
     assert message in caplog.text
     assert not (tmp_path / "run").exists()  # refused before anything was written

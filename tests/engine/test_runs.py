@@ -223,7 +223,17 @@ def test_distributed_evaluation_counts_each_image_once(twin: Path, tmp_path: Pat
     checkpoint = save_checkpoint_file({"state_dict": model.state_dict()}, tmp_path / "model.pth")
     sets = cli_model_args()
     single = tmp_path / "single.json"
-    args = ["evaluate", NAME, "--checkpoint", str(checkpoint), "--data", str(twin), "--no-progress", *sets]
+    args = [
+        "evaluate",
+        "--no-tracking",
+        NAME,
+        "--checkpoint",
+        str(checkpoint),
+        "--data",
+        str(twin),
+        "--no-progress",
+        *sets,
+    ]
     assert main([*args, "--out", str(single)]) == 0
     launcher = [
         sys.executable,

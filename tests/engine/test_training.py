@@ -84,6 +84,7 @@ def _final_weights(work_dir: Path) -> dict[str, torch.Tensor]:
 def _train_cmd(twin: Path, work_dir: Path, *extra: str) -> list[str]:
     return [
         "train",
+        "--no-tracking",
         NAME,
         "--data",
         str(twin),
@@ -240,6 +241,7 @@ def test_evaluate_and_predict_from_an_official_checkpoint(twin: Path, tmp_path: 
         code = main(
             [
                 "evaluate",
+                "--no-tracking",
                 NAME,
                 "--checkpoint",
                 str(official),
@@ -263,7 +265,19 @@ def test_evaluate_and_predict_from_an_official_checkpoint(twin: Path, tmp_path: 
     # the raw official folder works as well as the shards
     raw = twin.parent / "raw"
     assert (
-        main(["evaluate", NAME, "--checkpoint", str(official), "--data", str(raw), "--no-progress", *sets])
+        main(
+            [
+                "evaluate",
+                "--no-tracking",
+                NAME,
+                "--checkpoint",
+                str(official),
+                "--data",
+                str(raw),
+                "--no-progress",
+                *sets,
+            ]
+        )
         == 0
     )
     images = sorted((raw / "ADEChallengeData2016" / "images" / "validation").glob("*.jpg"))[:2]
@@ -286,12 +300,32 @@ def test_tiny_mask2former_trains_evaluates_and_predicts_through_the_commands(
     name = "mask2former_beit_adapter_large_640_160k_ade20k"
     sets = cli_model_args()
     common = ["--data", str(twin), "--pretrained", "none", "--num-workers", "0", "--no-progress"]
-    train = ["train", name, "--work-dir", str(tmp_path / "run"), "--max-iters", "4", "--batch-size", "2"]
+    train = [
+        "train",
+        "--no-tracking",
+        name,
+        "--work-dir",
+        str(tmp_path / "run"),
+        "--max-iters",
+        "4",
+        "--batch-size",
+        "2",
+    ]
     assert main([*train, "--global-batch", "2", "--eval-interval", "4", *common, *sets]) == 0
     checkpoint = tmp_path / "run" / "iter_0000004.pth"
     for mode in ("ss", "ms"):  # MS: the SETR_Resize scales of the BEiT 640 config, with flip
         out = tmp_path / f"{mode}.json"
-        args = ["evaluate", name, "--checkpoint", str(checkpoint), "--data", str(twin), "--mode", mode]
+        args = [
+            "evaluate",
+            "--no-tracking",
+            name,
+            "--checkpoint",
+            str(checkpoint),
+            "--data",
+            str(twin),
+            "--mode",
+            mode,
+        ]
         assert main([*args, "--out", str(out), "--no-progress"]) == 0  # overrides come from the checkpoint
         metrics = json.loads(out.read_text())
         assert metrics["num_images"] == 6 and metrics["published_miou"] == (58.3 if mode == "ss" else 59.0)

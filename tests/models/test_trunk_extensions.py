@@ -329,7 +329,7 @@ def test_tiny_variant_trains_through_the_train_command(twin: Path, tmp_path: Pat
     from pipelines.cli import main
 
     work = tmp_path / "run"
-    args = ["train", name, "--data", str(twin), "--work-dir", str(work), "--preset", "tiny"]
+    args = ["train", "--no-tracking", name, "--data", str(twin), "--work-dir", str(work), "--preset", "tiny"]
     args += ["--pretrained", "none", "--num-workers", "0", "--no-progress", "--max-iters", "2"]
     args += ["--batch-size", "2", "--global-batch", "2", "--log-interval", "1"]
     args += ["--eval-interval", "2", "--eval-limit", "1"]

@@ -73,9 +73,22 @@ def test_repro_runs_the_graph_then_only_what_changed(repo) -> None:
     experiment = client.get_experiment_by_name("micro")
     runs = client.search_runs([experiment.experiment_id], "tags.`vitadapter.run` = 'tiny'")
     assert {r.data.tags.get("vitadapter.kind") for r in runs} >= {"train", "evaluation"}
+    # the report says where the same comparison is in the UI: the runs table in the view saved on the experiment
+    address = (
+        f"#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning&viewStateShareKey="
+    )
+    assert address in (root / "artifacts" / "reports" / "report.md").read_text()
+    assert "mlflow.sharedViewState.vitadapter" in experiment.tags
     assert "Starting temporary server" not in first.stdout + first.stderr
     again = _run([str(BIN / "dvc"), "repro"], root, env)
     assert "Running stage" not in again.stdout
+    # a forced rerun of the finished training (DVC deletes its metric files first) puts them back unchanged and
+    # logs no second MLflow run
+    before = {p.name: p.read_bytes() for p in (root / "metrics" / "tiny").glob("*.json")}
+    _run([str(BIN / "dvc"), "repro", "--force", "--single-item", "train_tiny"], root, env)
+    assert {p.name: p.read_bytes() for p in (root / "metrics" / "tiny").glob("*.json")} == before
+    trained = client.search_runs([experiment.experiment_id], "tags.`vitadapter.kind` = 'train'")
+    assert len(trained) == 1
     _run(["git", "add", "-A"], root, env)
     _run(["git", "commit", "-qm", "results"], root, env)
 

@@ -49,7 +49,14 @@ def test_command_stage_and_training_all_evaluate_through_evaluate_model(
     result = stages.evaluate_stage(loaded, "tiny", "ss")
     assert calls == ["ss", "ss"] and result["deform_attn_backend"] == "pytorch"
     checkpoint = Path(loaded.paths.runs) / "tiny" / "iter_0000002.pth"
-    args = ["evaluate", loaded.runs["tiny"].config, "--checkpoint", str(checkpoint), "--no-progress"]
+    args = [
+        "evaluate",
+        "--no-tracking",
+        loaded.runs["tiny"].config,
+        "--checkpoint",
+        str(checkpoint),
+        "--no-progress",
+    ]
     assert main([*args, "--data", str(loaded.data_dir("ade20k")), "--mode", "ms", "--limit", "1"]) == 0
     assert calls == ["ss", "ss", "ms"]
 

@@ -72,6 +72,7 @@ def test_training_writes_and_checkpoints_carry_the_diff(twin: Path, tmp_path: Pa
     out = tmp_path / "eval.json"
     command = [
         "evaluate",
+        "--no-tracking",
         NAME,
         "--checkpoint",
         str(tmp_path / "run" / "iter_0000001.pth"),

@@ -210,12 +210,15 @@ def test_training_run_round_trip(settings: Tracking, tmp_path: Path, monkeypatch
     run_params = asdict(RunParams(config=NAME, train=TrainParams(max_iters=4)))
     # what ran, not the recipe beside it: the run's 4 iterations on one process
     effective = {"schedule.max_iters": "4", "data.train.gpus": "1"}
-    assert params == {**flatten_params(config.to_dict()), **flatten_params(run_params, "run"), **effective}
+    expected = {**flatten_params(config.to_dict()), **flatten_params(run_params, "run"), **effective}
+    # the backend asked for, beside the param deform_attn_backend the stage logs when it knows what ran
+    expected["deform_attn_backend_requested"] = expected.pop("deform_attn_backend")
+    assert params == expected
     history = client.get_metric_history(run.info.run_id, "train/loss")
     assert [(m.step, m.value) for m in history] == [(2, 0.5), (4, 0.25)]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/lr")] == [2, 4]
     metrics = run.data.metrics
-    assert metrics["loss_terms/decode.loss_ce"] == 0.125 and metrics["images_per_s"] == 3.5
+    assert metrics["weighted_loss_terms/decode.loss_ce"] == 0.125 and metrics["images_per_s"] == 3.5
     assert "train/decode.loss_ce" not in metrics  # per-term losses under one prefix, after the headline
     assert metrics["val/mIoU"] == 12.5 and metrics["val/aAcc"] == 60.0 and metrics["val/mAcc"] == 20.0
     assert client.get_metric_history(run.info.run_id, "val/mIoU")[0].step == 4

@@ -49,6 +49,7 @@ def test_an_ade20k_model_refuses_other_datasets(
     )
     evaluate = [
         "evaluate",
+        "--no-tracking",
         ADE,
         "--checkpoint",
         str(checkpoint),
@@ -61,6 +62,7 @@ def test_an_ade20k_model_refuses_other_datasets(
     caplog.clear()
     train = [
         "train",
+        "--no-tracking",
         ADE,
         "--data",
         str(shards[dataset]),
