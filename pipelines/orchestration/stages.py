@@ -190,9 +190,10 @@ def train_stage(
     finished = finished_training(params, name, spec)
     if finished is not None:  # a rerun of a finished run: no new MLflow run, the same metric files
         log.info("run %s is finished (%s): nothing to train", name, folder.path)
-        if (
-            dist_info.is_main
-        ):  # `dvc repro --force` deletes a stage's metric files before it runs: put them back
+        # `dvc repro --force` deletes a stage's metric files before it runs it: put back what is missing (files
+        # still there stay untouched, so a plain rerun changes nothing)
+        files = ("train.json", "train_curve.json", "lr_curve.json", "val_curve.json")
+        if dist_info.is_main and not all((params.metrics_dir(name) / f).is_file() for f in files):
             write_curves(params, name)
             write_record(params, f"{name}/train.json", finished)
         return finished
