@@ -141,6 +141,10 @@ def _predict(args: argparse.Namespace) -> int:
     if bool(args.onnx) == bool(args.checkpoint):
         raise ValueError("vitadapter predict: give either --checkpoint or --onnx")
     images = expand_inputs(inputs)  # every input checked before the model loads
+    from data.atomic import claim_folder
+
+    # a folder vitadapter did not write is never written into: its files of the same name would be replaced
+    claim_folder(Path(args.out), writer="vitadapter predict")
     model, config = _onnx_model(args) if args.onnx else _torch_model(args)
     result = predict_images(
         model,
@@ -270,7 +274,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     _common(predict)
-    predict.add_argument("--out", required=True, help="output folder")
+    predict.add_argument(
+        "--out",
+        required=True,
+        help="output folder (created; a non-empty folder vitadapter did not write is refused, so no file of yours is replaced)",
+    )
     predict.add_argument(
         "--onnx",
         action="append",

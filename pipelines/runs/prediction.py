@@ -224,6 +224,18 @@ def unique_stem(stem: str, used: set[str]) -> str:
     return candidate
 
 
+def write_png(path: Path, image: np.ndarray) -> Path:
+    """``image`` as a PNG at ``path``, written atomically (a reader never sees half a file)."""
+    import cv2
+
+    from data.atomic import write_bytes_atomic
+
+    ok, encoded = cv2.imencode(".png", image)
+    if not ok:
+        raise ValueError(f"{path}: the image could not be encoded as PNG")
+    return write_bytes_atomic(path, encoded.tobytes())
+
+
 def predict_images(
     model: Forward,
     config: SegmentorConfig,
@@ -258,7 +270,6 @@ def predict_images(
     Raises:
         FileNotFoundError: an input does not exist (checked for all before the first prediction).
     """
-    import cv2
 
     from pipelines.reporting.visualize import overlay_with_legend
 
@@ -291,8 +302,8 @@ def predict_images(
             continue
         stem = unique_stem(safe_stem(image_path.stem), used)
         target = out / f"{stem}.png"
-        cv2.imwrite(str(target), pred)
-        cv2.imwrite(str(out / f"{stem}_overlay.png"), overlay_with_legend(image, pred, colors, names))
+        write_png(target, pred)
+        write_png(out / f"{stem}_overlay.png", overlay_with_legend(image, pred, colors, names))
         log.info("%s -> %s (classes %s)", image_path, target, sorted(int(c) for c in np.unique(pred)))
         result.written.append(target)
     return result

@@ -152,7 +152,8 @@ def test_predict_goes_on_past_bad_inputs_and_exits_1(
     ):
         assert any(f"{inputs / name} ({one}" in summary for one in reason.split("|")), name
         assert any(r.levelname == "WARNING" and name in r.getMessage() for r in caplog.records), name
-    assert not list(out.glob(".*"))  # no half-written video left behind
+    # no half-written video left behind; only the marker that the folder is vitadapter's
+    assert [p.name for p in out.glob(".*")] == [".vitadapter-output.json"]
 
 
 def test_comparison_image_puts_image_prediction_and_truth_side_by_side() -> None:
@@ -261,3 +262,19 @@ def test_checkpoint_export_and_import_take_the_name_from_the_checkpoint(
     caplog.clear()
     assert main(["checkpoint", "export", NAME, str(bare), str(bare), "--out", str(tmp_path / "y.pth")]) == 1
     assert "give [NAME] SRC, got 3 positional arguments" in caplog.text
+
+
+def test_predict_never_writes_into_a_folder_it_did_not_write(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A non-empty --out folder without the project's marker is refused before the model loads, and the
+    user's file that a prediction of the same name would replace is left as it was."""
+    photo = tmp_path / "holiday.png"
+    cv2.imwrite(str(photo), np.zeros((40, 40, 3), np.uint8))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "holiday.png").write_bytes(b"my own picture")
+    args = ["predict", "--checkpoint", str(tmp_path / "absent.pth"), "--out", str(mine), str(photo)]
+    assert main(args) == 1
+    assert f"{mine} is not empty" in caplog.text and "absent.pth" not in caplog.text
+    assert (mine / "holiday.png").read_bytes() == b"my own picture"

@@ -142,11 +142,13 @@ def test_predict_onnx_errors(
     assert main(["predict", "--out", str(tmp_path / "o"), str(image)]) == 1
     assert "give either --checkpoint or --onnx" in caplog.text
     assert (
-        main(["predict", "--onnx", str(tmp_path / "missing.onnx"), "--out", str(tmp_path), str(image)]) == 1
+        main(["predict", "--onnx", str(tmp_path / "missing.onnx"), "--out", str(tmp_path / "o"), str(image)])
+        == 1
     )
     assert "no such ONNX file" in caplog.text
     (tmp_path / "foreign.onnx").write_bytes(b"not a model")
     assert (
-        main(["predict", "--onnx", str(tmp_path / "foreign.onnx"), "--out", str(tmp_path), str(image)]) == 1
+        main(["predict", "--onnx", str(tmp_path / "foreign.onnx"), "--out", str(tmp_path / "o"), str(image)])
+        == 1
     )
     assert "not a readable ONNX model" in caplog.text
