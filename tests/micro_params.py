@@ -94,3 +94,14 @@ def micro_params(**changes: Any) -> dict[str, Any]:
 def write_params(path: Path, params: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
+
+
+def ade_twin_shards(root: Path, **synthesize_args: Any) -> Path:
+    """A synthetic ADE20K twin written under ``root/raw`` and prepared into ``root/prepared`` (returned);
+    ``synthesize_args``: :func:`data.synthetic.synthesize`'s sizes and seed."""
+    from data.prepare import prepare_dataset
+    from data.synthetic import synthesize
+
+    report = synthesize("ade20k", root / "raw", **synthesize_args)
+    prepare_dataset("ade20k", report.root, root / "prepared")
+    return root / "prepared"

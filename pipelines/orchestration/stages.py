@@ -11,7 +11,6 @@ definition (:meth:`pipelines.config.params.Params.training_definition`; see :mod
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -21,15 +20,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from data.atomic import file_sha256, write_text_atomic
 from data.atomic import write_json_atomic as write_json
-from data.atomic import write_text_atomic
 from pipelines.config.params import Params, ParamsError, RunParams
 from pipelines.orchestration.tracked import data_inputs, run_tags, train_tracked
 from pipelines.reporting.records import FALLBACK_DB
 from pipelines.reporting.report import report_markdown, report_rows
 from pipelines.runs import evaluation as evaluation_module
 from pipelines.runs.folder import RunFolder, signature_of
-from pipelines.runs.recipe_diff import read_diff
+from pipelines.runs.recipe_diff import folder_training_diff
 from pipelines.runs.training import RunSpec
 
 log = logging.getLogger(__name__)
@@ -69,7 +68,7 @@ def prepare_stage(params: Params, dataset: str) -> dict[str, Any]:
         "dataset": dataset,
         "source": spec.source,
         "raw": str(raw),
-        "index_sha256": hashlib.sha256(index_file.read_bytes()).hexdigest(),
+        "index_sha256": file_sha256(index_file),
         "counts": {
             split: info["num_samples"] for split, info in json.loads(index_file.read_text())["splits"].items()
         },
@@ -247,8 +246,7 @@ def finished_training(params: Params, name: str, spec: RunSpec) -> dict[str, Any
 
 def _training_diff(params: Params, name: str) -> dict[str, Any] | None:
     """The recipe diff the training of run ``name`` recorded in its run folder (None before training)."""
-    diff = read_diff(params.run_dir(name))
-    return None if diff is None else diff.to_dict()
+    return folder_training_diff(params.run_dir(name))
 
 
 def read_train_summary(params: Params, name: str) -> dict[str, Any]:
@@ -384,6 +382,9 @@ def report_stage(params: Params) -> dict[str, Any]:
 
     rows = report_rows(params)
     report = Path(params.paths.reports) / "report.md"
+    tracker = Tracker(params.tracking, fallback_dir=Path(params.paths.tracking_fallback))
+    tracker.sync_reference_experiment()
+    addresses = tracker.ui_addresses()
     text = report_markdown(rows)
     fallback = Path(params.paths.tracking_fallback) / FALLBACK_DB
     if fallback.is_file():  # tracking split between the server and the fallback store: say where
@@ -391,6 +392,12 @@ def report_stage(params: Params) -> dict[str, Any]:
             f"\nSome MLflow records are in the local fallback store sqlite:///{fallback.resolve()} (the tracking "
             f"server {params.tracking.uri} was unreachable): `vitadapter tracking sync` copies them over.\n"
         )
+    if addresses:  # the report says where the same comparison is in the MLflow UI
+        text += "\n## In the MLflow UI\n\n" + "".join(
+            f"- experiment `{name}`: {hint}\n" for name, hint in addresses.items()
+        )
+        for name, hint in addresses.items():
+            log.info("MLflow experiment %s: %s", name, hint)
     write_text_atomic(report, text)
     summary = {"rows": rows, "report": str(report)}
     write_json(Path(params.paths.reports) / "records" / "report.json", summary)
@@ -398,16 +405,6 @@ def report_stage(params: Params) -> dict[str, Any]:
         Path(params.paths.metrics) / "report.json",
         {"rows": len(rows), "evaluated": sum(row["miou"] is not None for row in rows)},
     )
-    tracker = Tracker(params.tracking, fallback_dir=Path(params.paths.tracking_fallback))
-    tracker.sync_reference_experiment()
-    addresses = tracker.ui_addresses()
-    if addresses:  # the report says where the same comparison is in the MLflow UI
-        text += "\n## In the MLflow UI\n\n" + "".join(
-            f"- experiment `{name}`: {hint}\n" for name, hint in addresses.items()
-        )
-        write_text_atomic(report, text)
-        for name, hint in addresses.items():
-            log.info("MLflow experiment %s: %s", name, hint)
     tracker.log_report(report, rows)
     return summary
 

@@ -22,7 +22,8 @@ from data.atomic import file_sha256
 from pipelines.config.params import DEFAULT_PATHS, RunParams, Tracking
 from pipelines.reporting.mlflow_views import DatasetInput, dataset_input
 from pipelines.runs.evaluation import backends_label
-from pipelines.runs.recipe_diff import read_diff
+from pipelines.runs.folder import CONFIG_FILE, TRAIN_LOG
+from pipelines.runs.recipe_diff import folder_training_diff
 from pipelines.runs.training import RunSpec, TrainResult
 
 log = logging.getLogger(__name__)
@@ -178,23 +179,18 @@ def train_command_tracked(spec: RunSpec, tracker: Any) -> TrainResult:
         run=run,
         tags=tags,
         parent=None,
-        training_diff=lambda: _diff_of(spec.work_dir),
+        training_diff=lambda: folder_training_diff(spec.work_dir),
     )
     if tracker is not None:
         tracker.log_run_files(spec.work_dir)
     return result
 
 
-def _diff_of(work_dir: Path) -> dict[str, Any] | None:
-    diff = read_diff(work_dir)
-    return None if diff is None else diff.to_dict()
-
-
 def evaluation_run_name(checkpoint: Path) -> str:
     """The training run an evaluated checkpoint belongs to: its run folder's name when it lies in one (a
     training checkpoint), else the file's stem (an imported or official file)."""
     folder = Path(checkpoint).resolve().parent
-    if (folder / "train_log.jsonl").is_file() or (folder / "config.json").is_file():
+    if (folder / TRAIN_LOG).is_file() or (folder / CONFIG_FILE).is_file():
         return folder.name
     return Path(checkpoint).stem
 

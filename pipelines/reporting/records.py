@@ -112,16 +112,21 @@ def _schedule(iterations: int) -> str:
     return f"{iterations // 1000}k" if iterations % 1000 == 0 else str(iterations)
 
 
+# the tags our runs and the published rows share (row_tags)
+ROW_TAG_KEYS = ("dataset", "head", "crop", "schedule", "pretrained")
+
+
 def row_tags(config: Any, *, iterations: int | None = None) -> dict[str, str]:
     """The tags a published row and our runs share (one vocabulary: filter and group both alike in the UI)."""
     crop = config.data.train.crop_size
-    return {
-        "dataset": config.data.dataset,
-        "head": config.head,
-        "crop": f"{crop[0]}x{crop[1]}",
-        "schedule": _schedule(iterations or config.schedule.max_iters),
-        "pretrained": config.pretrained.name,
-    }
+    values = (
+        config.data.dataset,
+        config.head,
+        f"{crop[0]}x{crop[1]}",
+        _schedule(iterations or config.schedule.max_iters),
+        config.pretrained.name,
+    )
+    return dict(zip(ROW_TAG_KEYS, values, strict=True))
 
 
 def reference_rows() -> dict[str, tuple[dict[str, float], dict[str, str], dict[str, str]]]:

@@ -47,6 +47,7 @@ from pipelines.reporting.records import (
     KIND_REPORT,
     KIND_TRAIN,
     PARENT_TAG,
+    ROW_TAG_KEYS,
     TAG_CHAIN,
     TAG_FAILED_OVER_FROM,
     TAG_KIND,
@@ -405,8 +406,7 @@ class Tracker:
             if found:
                 eval_tags[PARENT_TAG] = found[0].info.run_id
                 # the vocabulary shared with the published rows (dataset, head, crop, ...), as on its training run
-                shared = ("dataset", "head", "crop", "schedule", "pretrained")
-                eval_tags.update({k: v for k, v in found[0].data.tags.items() if k in shared})
+                eval_tags.update({k: v for k, v in found[0].data.tags.items() if k in ROW_TAG_KEYS})
             elif "vitadapter.dataset" in tags:
                 eval_tags.setdefault("dataset", tags["vitadapter.dataset"])
             else:

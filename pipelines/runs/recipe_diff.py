@@ -397,11 +397,16 @@ def read_diff(folder_or_file: str | Path) -> RecipeDiff | None:
     return RecipeDiff.from_dict(json.loads(path.read_text()))
 
 
+def folder_training_diff(run_dir: str | Path) -> dict[str, Any] | None:
+    """The training diff a run folder recorded (its ``recipe_diff.json``), as a dict; None before training."""
+    diff = read_diff(Path(run_dir))
+    return None if diff is None else diff.to_dict()
+
+
 def recorded_training_diff(checkpoint: str | Path) -> dict[str, Any] | None:
     """The training diff recorded beside a checkpoint (its run folder's ``recipe_diff.json``), as a dict;
     None for a checkpoint not trained here (e.g. the official release)."""
-    diff = read_diff(Path(checkpoint).parent)
-    return None if diff is None else diff.to_dict()
+    return folder_training_diff(Path(checkpoint).parent)
 
 
 def log_summary(diff: RecipeDiff) -> None:

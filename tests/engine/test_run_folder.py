@@ -16,9 +16,7 @@ import pytest
 import torch
 
 import models
-from data.prepare import prepare_dataset
-from data.synthetic import synthesize
-from micro_params import cli_model_args
+from micro_params import ade_twin_shards, cli_model_args
 from models.checkpoint import load_checkpoint_file
 from pipelines.cli import main
 from pipelines.config.knobs import TrainParams
@@ -30,12 +28,15 @@ NAME = "upernet_deit_adapter_tiny_512_160k_ade20k"
 
 @pytest.fixture(scope="module")
 def twin(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("twin")
-    report = synthesize(
-        "ade20k", root / "raw", num_train=8, num_val=2, seed=1, min_size=64, max_size=96, num_classes_used=4
+    return ade_twin_shards(
+        tmp_path_factory.mktemp("twin"),
+        num_train=8,
+        num_val=2,
+        seed=1,
+        min_size=64,
+        max_size=96,
+        num_classes_used=4,
     )
-    prepare_dataset("ade20k", report.root, root / "prepared")
-    return root / "prepared"
 
 
 def _spec(twin: Path, work_dir: Path, **knobs) -> RunSpec:

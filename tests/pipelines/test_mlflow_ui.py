@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 
 import models
-from data.prepare import prepare_dataset
-from data.synthetic import synthesize
+from micro_params import ade_twin_shards
 from pipelines.config.knobs import TrainParams
 from pipelines.config.params import RunParams, Tracking
 from pipelines.orchestration.tracked import data_inputs
@@ -37,8 +36,7 @@ pytestmark = pytest.mark.skipif(
 def _store(tmp_path: Path) -> str:
     """A store as the pipeline leaves it: a training run with its curves and dataset inputs, its SS and MS
     evaluations, the reference experiment."""
-    raw = synthesize("ade20k", tmp_path / "raw", num_train=2, num_val=1, seed=1, min_size=32, max_size=48)
-    prepare_dataset("ade20k", raw.root, tmp_path / "shards")
+    shards = ade_twin_shards(tmp_path, num_train=2, num_val=1, seed=1, min_size=32, max_size=48)
     uri = f"sqlite:///{tmp_path / 'ui.db'}"
     tracker = Tracker(Tracking(uri=uri), fallback_dir=tmp_path / "fallback")
     tracker.start_training_run(
@@ -47,7 +45,7 @@ def _store(tmp_path: Path) -> str:
         run_params=RunParams(config=NAME, train=TrainParams(max_iters=4)),
         tags={"vitadapter.run": "ade_run"},
         parent=None,
-        inputs=data_inputs(tmp_path / "shards", {"train": "training", "val": "evaluation"}),
+        inputs=data_inputs(shards, {"train": "training", "val": "evaluation"}),
     )
     callback = TrainingCallback(tracker)
     for step in (1, 2, 3, 4):
@@ -70,7 +68,7 @@ def _store(tmp_path: Path) -> str:
             per_class={"name": ["wall"], "IoU": [miou], "Acc": [55.0]},
             artifacts=[],
             tags={"vitadapter.dataset": "ade20k"},
-            inputs=data_inputs(tmp_path / "shards", {"val": "evaluation"}),
+            inputs=data_inputs(shards, {"val": "evaluation"}),
         )
     tracker.sync_reference_experiment()
     return uri

@@ -11,9 +11,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from data.prepare import prepare_dataset
-from data.synthetic import synthesize
-from micro_params import cli_model_args
+from micro_params import ade_twin_shards, cli_model_args
 from pipelines.cli import main
 from pipelines.reporting.mlflow_views import VIEW_TAG, runs_table_url, runs_view_state, ui_hint
 
@@ -22,12 +20,15 @@ NAME = "upernet_deit_adapter_tiny_512_160k_ade20k"
 
 @pytest.fixture(scope="module")
 def twin(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("ade_twin")
-    report = synthesize(
-        "ade20k", root / "raw", num_train=8, num_val=2, seed=5, min_size=64, max_size=96, num_classes_used=3
+    return ade_twin_shards(
+        tmp_path_factory.mktemp("ade_twin"),
+        num_train=8,
+        num_val=2,
+        seed=5,
+        min_size=64,
+        max_size=96,
+        num_classes_used=3,
     )
-    prepare_dataset("ade20k", report.root, root / "prepared")
-    return root / "prepared"
 
 
 def test_train_and_evaluate_commands_are_recorded_like_pipeline_runs(
