@@ -21,6 +21,12 @@ Every raw label map is turned into *train ids*: ``0 .. num_classes - 1`` for the
   459 classes: the ids outside the kept list are background in the 59-class task and become 255 too (the
   Detail API JSON, read with ``pascal_context_459``, holds the kept ids only, as the converter asserts).
 
+The catalog is open: the three datasets above are its built-in cards (:data:`CATALOG`); a user's dataset card
+(``data/cards.py``: classes, palette, label rule, splits, read from YAML) is registered at run time with
+:func:`register_dataset` from the card itself, from the ``index.json`` of its shards or from a checkpoint
+(:meth:`DatasetInfo.to_record` / :func:`dataset_from_record`), and is then found by :func:`get_dataset` like
+the built-in ones.
+
 Differences from the reference converters, on purpose: a raw id outside the documented encoding (for example
 ADE20K 151, COCO-Stuff 182..254 or one of its eleven unused ids, a Pascal Context id that is not kept) is an
 error naming the file instead of being passed through silently. Those ids never occur in the official data.
@@ -28,8 +34,10 @@ error naming the file instead of being passed through silently. Those ids never 
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -47,6 +55,10 @@ LabelEncoding = Literal[
 ]
 
 DATASET_NAMES: tuple[DatasetName, ...] = ("ade20k", "coco_stuff164k", "pascal_context_59")
+# a dataset card's name: one plain word (it names shard folders, run folders, MLflow tags and DVC stages)
+DATASET_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+# train ids are uint8 with 255 the ignore index: at most 255 classes
+MAX_CLASSES = 255
 SPLITS: tuple[Split, ...] = ("train", "val")
 IGNORE_INDEX = 255
 
@@ -79,25 +91,33 @@ class LabelError(ValueError):
 class DatasetInfo:
     """Facts about one dataset.
 
+    A built-in card (:data:`CATALOG`) or a user's dataset card (``own``: :mod:`data.cards`).
+
     Attributes:
-        name: catalog name (``ade20k``, ``coco_stuff164k``, ``pascal_context_59``).
+        name: catalog name (``ade20k``, ``coco_stuff164k``, ``pascal_context_59``, or a card's name).
         title: human-readable name.
         class_names: class names indexed by train id.
-        split_sizes: official number of images per split.
-        raw_encoding: encoding of the label maps as distributed.
+        split_sizes: official number of images per split (empty for a user's card).
+        raw_encoding: encoding of the label maps as distributed (``card`` for a user's card: its label rule).
         label_convention: one-line description of the raw-to-train-id conversion.
         reduce_zero_label: whether the reference applies mmsegmentation's ``reduce_zero_label``.
         download_help: which files to download and where they go, ``{raw}`` standing for the raw folder.
+        colors: the card's RGB colour per train id; None: :func:`make_palette`.
+        own: a user's card (no published row to compare with).
+        card_sha256: sha256 of the card file (user cards).
     """
 
-    name: DatasetName
+    name: str
     title: str
     class_names: tuple[str, ...]
     split_sizes: dict[str, int]
-    raw_encoding: LabelEncoding
+    raw_encoding: str
     label_convention: str
     reduce_zero_label: bool
-    download_help: str = field(repr=False)
+    download_help: str = field(repr=False, default="")
+    colors: tuple[tuple[int, int, int], ...] | None = None
+    own: bool = False
+    card_sha256: str | None = None
 
     @property
     def num_classes(self) -> int:
@@ -115,8 +135,25 @@ class DatasetInfo:
 
     @property
     def palette(self) -> np.ndarray:
-        """RGB colour per train id, ``(num_classes, 3)`` uint8 (see :func:`make_palette`)."""
+        """RGB colour per train id, ``(num_classes, 3)`` uint8: the card's colours, else :func:`make_palette`."""
+        if self.colors is not None:
+            return np.array(self.colors, dtype=np.uint8).reshape(-1, 3)
         return make_palette(self.num_classes)
+
+    def to_record(self) -> dict[str, Any]:
+        """What a shard index, a checkpoint, an export or a served model records of the dataset (JSON-able):
+        enough to name and colour its classes without the card file (:func:`dataset_from_record`)."""
+        return {
+            "name": self.name,
+            "title": self.title,
+            "class_names": list(self.class_names),
+            "palette": self.palette.tolist(),
+            "label_convention": self.label_convention,
+            "reduce_zero_label": self.reduce_zero_label,
+            "ignore_index": IGNORE_INDEX,
+            "own": self.own,
+            "card_sha256": self.card_sha256,
+        }
 
 
 _ADE20K_HELP = (
@@ -189,11 +226,88 @@ CATALOG: dict[str, DatasetInfo] = {
 }
 
 
+# the users' dataset cards met in this process (from a card file, a shard index or a checkpoint)
+_REGISTERED: dict[str, DatasetInfo] = {}
+
+
+def is_builtin(name: str) -> bool:
+    """Whether ``name`` is one of the three built-in datasets."""
+    return name in CATALOG
+
+
+def check_dataset_name(name: object, *, where: str) -> str:
+    """``name`` when it is a plain dataset name that is not a built-in one.
+
+    Raises:
+        ValueError: naming ``where``.
+    """
+    if not isinstance(name, str) or not DATASET_NAME_PATTERN.fullmatch(name):
+        raise ValueError(
+            f"{where}: {name!r} is not a plain dataset name (1-64 letters, digits, '_' or '-', starting with a "
+            "letter or digit)"
+        )
+    if name in CATALOG:
+        raise ValueError(f"{where}: {name!r} is a built-in dataset; give your own data another name")
+    return name
+
+
+def register_dataset(info: DatasetInfo) -> DatasetInfo:
+    """Make a user's card known to :func:`get_dataset` (a card of the same name met later replaces it).
+
+    Raises:
+        ValueError: a built-in name, or a card without classes or with more than :data:`MAX_CLASSES`.
+    """
+    check_dataset_name(info.name, where="dataset card")
+    if not 1 <= info.num_classes <= MAX_CLASSES:
+        raise ValueError(f"dataset card {info.name}: {info.num_classes} classes (expected 1..{MAX_CLASSES})")
+    _REGISTERED[info.name] = info
+    return info
+
+
+def dataset_from_record(record: Mapping[str, Any], *, source: str) -> DatasetInfo:
+    """The :class:`DatasetInfo` of a record written by :meth:`DatasetInfo.to_record`: the built-in card for a
+    built-in name, else the user's card it describes, registered (:func:`register_dataset`).
+
+    Raises:
+        ValueError: a record that is not one, naming ``source``.
+    """
+    try:
+        name = str(record["name"])
+        if name in CATALOG:
+            return CATALOG[name]
+        names = tuple(str(n) for n in record["class_names"])
+        colors = tuple((int(r), int(g), int(b)) for r, g, b in record["palette"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{source}: not a dataset record ({err!r})") from err
+    if len(colors) != len(names):
+        raise ValueError(f"{source}: dataset {name}: {len(names)} classes but {len(colors)} palette colours")
+    info = DatasetInfo(
+        name=name,
+        title=str(record.get("title") or name),
+        class_names=names,
+        split_sizes={},
+        raw_encoding="card",
+        label_convention=str(record.get("label_convention") or ""),
+        reduce_zero_label=bool(record.get("reduce_zero_label", False)),
+        colors=colors,
+        own=True,
+        card_sha256=record.get("card_sha256"),
+    )
+    return register_dataset(info)
+
+
 def get_dataset(name: str) -> DatasetInfo:
-    """Return the catalog entry of ``name``; raise ``ValueError`` naming the known datasets otherwise."""
-    if name not in CATALOG:
-        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASET_NAMES)}")
-    return CATALOG[name]
+    """Return the catalog entry of ``name`` (a built-in card or a registered user's card); raise
+    ``ValueError`` naming the known datasets otherwise."""
+    if name in CATALOG:
+        return CATALOG[name]
+    if name in _REGISTERED:
+        return _REGISTERED[name]
+    known = ", ".join((*DATASET_NAMES, *_REGISTERED))
+    raise ValueError(
+        f"unknown dataset {name!r}; known datasets: {known} (your own data: a dataset card, "
+        "`vitadapter data init`)"
+    )
 
 
 def make_palette(num_colors: int) -> np.ndarray:

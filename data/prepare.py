@@ -14,7 +14,7 @@ import hashlib
 import json
 import logging
 import multiprocessing
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data.atomic import atomic_directory, check_disjoint, check_replaceable
-from data.catalog import SPLITS, DatasetName, LabelError, Split, get_dataset
+from data.catalog import SPLITS, DatasetInfo, DatasetName, LabelError, Split, get_dataset
 from data.provenance import describe_raw
 from data.readers import CorruptFileError, FileRef, RawSample, find_samples, load_sample
 from data.shards import (
@@ -59,7 +59,7 @@ class PrepareReport:
 
 
 @dataclass(frozen=True)
-class _Loaded:
+class LoadedItem:
     """What a worker sends back: everything the writer needs, or the reason the sample is unusable."""
 
     key: str
@@ -68,13 +68,14 @@ class _Loaded:
     image_bytes: bytes = b""
     label: np.ndarray | None = None
     meta: dict[str, Any] | None = None
+    image_ext: str = "jpg"
 
 
-def _load(sample: RawSample) -> _Loaded:
+def _load(sample: RawSample) -> LoadedItem:
     try:
         loaded = load_sample(sample)
     except (CorruptFileError, LabelError) as err:
-        return _Loaded(key=sample.key, error=str(err), error_type=type(err).__name__)
+        return LoadedItem(key=sample.key, error=str(err), error_type=type(err).__name__)
     height, width = loaded.label.shape
     meta = {
         "key": sample.key,
@@ -85,17 +86,90 @@ def _load(sample: RawSample) -> _Loaded:
         "label_file": sample.label.name,
         "label_encoding": sample.encoding,
     }
-    return _Loaded(key=sample.key, image_bytes=loaded.image_bytes, label=loaded.label, meta=meta)
+    image_ext = Path(sample.image.name).suffix.lstrip(".") or "jpg"
+    return LoadedItem(
+        key=sample.key, image_bytes=loaded.image_bytes, label=loaded.label, meta=meta, image_ext=image_ext
+    )
 
 
-def _load_all(samples: Sequence[RawSample], workers: int) -> Iterator[_Loaded]:
+def load_all(
+    samples: Sequence[Any], workers: int, load: Callable[[Any], LoadedItem] = _load
+) -> Iterator[LoadedItem]:
     """Load samples in order, in ``workers`` processes (in this process when 0)."""
     if workers <= 0:
-        yield from map(_load, samples)
+        yield from map(load, samples)
         return
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        yield from pool.map(_load, samples, chunksize=WORKER_CHUNK)
+        yield from pool.map(load, samples, chunksize=WORKER_CHUNK)
+
+
+def write_prepared(
+    out: Path,
+    *,
+    dataset: str,
+    info: DatasetInfo,
+    loaded: dict[str, tuple[Iterator[LoadedItem], int]],
+    skip_corrupt: bool,
+    samples_per_shard: int,
+    fingerprint: str,
+    source: Callable[[], dict[str, Any]],
+    force: bool,
+    card: dict[str, Any] | None = None,
+    skipped: dict[str, list[dict[str, str]]] | None = None,
+) -> DatasetIndex:
+    """Write the loaded samples of each split as shards and ``index.json`` into a staging folder, validate it,
+    and move it to ``out`` (``skipped``: entries recorded before any sample, e.g. unpaired files)."""
+    with atomic_directory(out, writer="vitadapter data prepare", force=force) as staging:
+        split_indexes = {}
+        for split, (items, total) in loaded.items():
+            writer = SplitWriter(
+                staging, split, num_classes=info.num_classes, samples_per_shard=samples_per_shard
+            )
+            writer.index.skipped.extend((skipped or {}).get(split, []))
+            for item in tqdm(items, total=total, desc=f"{dataset} {split}", unit="img"):
+                if item.error is not None:
+                    if not skip_corrupt:
+                        error_type = (
+                            LabelError if item.error_type == LabelError.__name__ else CorruptFileError
+                        )
+                        raise error_type(f"{item.error} (use --skip-corrupt to skip such samples)")
+                    log.warning("skipping corrupt sample %s: %s", item.key, item.error)
+                    writer.index.skipped.append({"key": item.key, "reason": item.error})
+                    continue
+                assert item.label is not None and item.meta is not None  # set when there is no error
+                writer.write(
+                    key=item.key,
+                    image_bytes=item.image_bytes,
+                    image_ext=item.image_ext,
+                    label=item.label,
+                    meta={**item.meta, "dataset": dataset},
+                )
+                encoding = item.meta["label_encoding"]
+                writer.index.encodings[encoding] = writer.index.encodings.get(encoding, 0) + 1
+            split_indexes[split] = writer.close()
+            log.info(
+                "%s %s: %d samples in %d shards, %d skipped",
+                dataset,
+                split,
+                split_indexes[split].num_samples,
+                len(split_indexes[split].shards),
+                len(split_indexes[split].skipped),
+            )
+        index = DatasetIndex(
+            dataset=dataset,
+            num_classes=info.num_classes,
+            class_names=list(info.class_names),
+            ignore_index=info.ignore_index,
+            label_convention=info.label_convention,
+            splits=split_indexes,
+            inputs_fingerprint=fingerprint,
+            source=source(),
+            card=card,
+        )
+        (staging / INDEX_FILE).write_text(index.to_json())
+        validate_prepared(staging)
+    return index
 
 
 def _size(ref: FileRef) -> int:
@@ -117,7 +191,7 @@ def inputs_fingerprint(dataset: str, samples: dict[str, list[RawSample]], option
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def _existing_index(out: Path) -> DatasetIndex | None:
+def existing_index(out: Path) -> DatasetIndex | None:
     if not (out / INDEX_FILE).exists():
         if out.exists() and any(out.iterdir()):
             log.warning("%s has no %s: not a complete prepared folder", out, INDEX_FILE)
@@ -176,64 +250,24 @@ def prepare_dataset(
         "limit": limit,
     }
     fingerprint = inputs_fingerprint(dataset, samples, options)
-    existing = None if force else _existing_index(out)
+    existing = None if force else existing_index(out)
     if existing is not None and existing.inputs_fingerprint == fingerprint and existing.source is not None:
         log.info("%s is complete and up to date; nothing to do", out)
         return PrepareReport(root=out, index=existing, reused=True)
 
-    with atomic_directory(out, writer="vitadapter data prepare", force=force) as staging:
-        split_indexes = {}
-        for split, split_samples in samples.items():
-            writer = SplitWriter(
-                staging, split, num_classes=info.num_classes, samples_per_shard=samples_per_shard
-            )
-            progress = tqdm(
-                _load_all(split_samples, workers),
-                total=len(split_samples),
-                desc=f"{dataset} {split}",
-                unit="img",
-            )
-            by_key = {s.key: s for s in split_samples}
-            for loaded in progress:
-                if loaded.error is not None:
-                    if not skip_corrupt:
-                        error_type = (
-                            LabelError if loaded.error_type == LabelError.__name__ else CorruptFileError
-                        )
-                        raise error_type(f"{loaded.error} (use --skip-corrupt to skip such samples)")
-                    log.warning("skipping corrupt sample %s: %s", loaded.key, loaded.error)
-                    writer.index.skipped.append({"key": loaded.key, "reason": loaded.error})
-                    continue
-                assert loaded.label is not None and loaded.meta is not None  # set when there is no error
-                image_ext = Path(by_key[loaded.key].image.name).suffix.lstrip(".") or "jpg"
-                writer.write(
-                    key=loaded.key,
-                    image_bytes=loaded.image_bytes,
-                    image_ext=image_ext,
-                    label=loaded.label,
-                    meta={**loaded.meta, "dataset": dataset},
-                )
-                encoding = loaded.meta["label_encoding"]
-                writer.index.encodings[encoding] = writer.index.encodings.get(encoding, 0) + 1
-            split_indexes[split] = writer.close()
-            log.info(
-                "%s %s: %d samples in %d shards, %d skipped",
-                dataset,
-                split,
-                split_indexes[split].num_samples,
-                len(split_indexes[split].shards),
-                len(split_indexes[split].skipped),
-            )
-        index = DatasetIndex(
-            dataset=dataset,
-            num_classes=info.num_classes,
-            class_names=list(info.class_names),
-            ignore_index=info.ignore_index,
-            label_convention=info.label_convention,
-            splits=split_indexes,
-            inputs_fingerprint=fingerprint,
-            source=describe_raw(raw, (s for split_samples in samples.values() for s in split_samples)),
-        )
-        (staging / INDEX_FILE).write_text(index.to_json())
-        validate_prepared(staging)
+    loaded = {
+        split: (load_all(split_samples, workers), len(split_samples))
+        for split, split_samples in samples.items()
+    }
+    index = write_prepared(
+        out,
+        dataset=dataset,
+        info=info,
+        loaded=loaded,
+        skip_corrupt=skip_corrupt,
+        samples_per_shard=samples_per_shard,
+        fingerprint=fingerprint,
+        source=lambda: describe_raw(raw, (s for split_samples in samples.values() for s in split_samples)),
+        force=force,
+    )
     return PrepareReport(root=out, index=index, reused=False)

@@ -11,6 +11,8 @@ Descriptors (JSON-able dicts):
 * ``{"kind": "synthetic", "written_by": ...}``: a synthetic twin;
 * ``{"kind": "official", "archives": [{"file", "bytes", "sha256"}], "folders": [...]}``: the official
   distribution, read from these archives (hashed whole) and/or extracted folders (not hashed);
+* ``{"kind": "own", "card": ..., "card_sha256": ..., "num_classes": ..., ...}``: a user's dataset card
+  (``vitadapter data prepare --card``): no published row to compare with;
 * ``{"kind": "unknown", "reason": ...}``: shards prepared before sources were recorded, or no index.
 """
 
@@ -20,10 +22,13 @@ import json
 import logging
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from data.atomic import OWNER_MARKER, file_sha256
 from data.readers import RawSample
+
+if TYPE_CHECKING:
+    from data.cards import DatasetCard
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +69,33 @@ def describe_raw(raw: str | Path, samples: Iterable[RawSample]) -> dict[str, Any
     return {"kind": "official", "archives": described, "folders": sorted(Path(f).name for f in folders)}
 
 
+def describe_card(card: DatasetCard) -> dict[str, Any]:
+    """The descriptor of a dataset card's data: the card (file, sha256), its classes and where it reads from
+    (folders and list files by path, parquet files with their sizes; not hashed: a user's data can be large)."""
+    from data.cards import FolderSplit, ListSplit
+
+    reads: dict[str, Any] = {}
+    for split, source in card.splits.items():
+        if isinstance(source, FolderSplit):
+            reads[split] = {"images": str(source.images), "labels": str(source.labels)}
+        elif isinstance(source, ListSplit):
+            reads[split] = {
+                "list": str(source.list),
+                "images": str(source.images),
+                "labels": str(source.labels),
+            }
+        else:
+            reads[split] = {"parquet": [{"file": str(p), "bytes": p.stat().st_size} for p in source.files]}
+    return {
+        "kind": "own",
+        "card": card.name,
+        "card_file": str(card.path),
+        "card_sha256": card.sha256,
+        "num_classes": card.num_classes,
+        "splits": reads,
+    }
+
+
 def dataset_source(folder: str | Path) -> dict[str, Any]:
     """The descriptor of a prepared shard folder (its ``index.json``) or of a raw folder given directly."""
     folder = Path(folder)
@@ -73,7 +105,7 @@ def dataset_source(folder: str | Path) -> dict[str, Any]:
             source = json.loads(index.read_text()).get("source")
         except (OSError, ValueError) as err:
             return {"kind": "unknown", "reason": f"{index} is unreadable ({err})"}
-        if isinstance(source, dict) and source.get("kind") in ("official", "synthetic"):
+        if isinstance(source, dict) and source.get("kind") in ("official", "synthetic", "own"):
             return source
         return {
             "kind": "unknown",

@@ -137,10 +137,15 @@ class DatasetIndex:
     complete: bool = True
     # where the samples came from (data.provenance.describe_raw); None in indexes written before it existed
     source: dict[str, Any] | None = None
+    # the dataset card a user's data was prepared from (file, sha256, content); None for the built-in datasets
+    card: dict[str, Any] | None = None
 
     def to_json(self) -> str:
-        """Serialise deterministically."""
-        return dumps_json(asdict(self))
+        """Serialise deterministically (without ``card`` for the built-in datasets: their indexes stay as they were)."""
+        value = asdict(self)
+        if value["card"] is None:
+            del value["card"]
+        return dumps_json(value)
 
     @classmethod
     def from_json(cls, text: str, *, source: str) -> DatasetIndex:
@@ -425,16 +430,21 @@ def validate_prepared(root: str | Path, *, decode_images: bool = False) -> Datas
         LabelError: a label outside the classes and 255, naming the shard member.
     """
     dataset = PreparedDataset.open(root, verify="sha256")
-    info = get_dataset(dataset.index.dataset)
+    # a user's card is described by the index itself; a built-in dataset's class count comes from the catalog
+    num_classes = (
+        dataset.index.num_classes
+        if dataset.index.card is not None
+        else get_dataset(dataset.index.dataset).num_classes
+    )
     for name, split_index in dataset.index.splits.items():
         split = dataset.split(name)
-        class_pixels = np.zeros(info.num_classes, dtype=np.int64)
+        class_pixels = np.zeros(num_classes, dtype=np.int64)
         ignore_pixels = 0
         for position in range(len(split)):
             record = split.record(position)
             source = f"{record.source}:{record.key}.{LABEL_SUFFIX}"
             label = decode_label_png(record.label_bytes, source=source)
-            check_train_ids(label, info.num_classes, source=source)
+            check_train_ids(label, num_classes, source=source)
             if [label.shape[0], label.shape[1]] != [record.meta["height"], record.meta["width"]]:
                 raise IncompleteDatasetError(f"{source}: label size {label.shape} differs from its metadata")
             if decode_images:
@@ -442,7 +452,7 @@ def validate_prepared(root: str | Path, *, decode_images: bool = False) -> Datas
                 if image.shape[:2] != label.shape:
                     raise IncompleteDatasetError(f"{source}: image size {image.shape[:2]} differs from label")
             counts = np.bincount(label.ravel(), minlength=256)
-            class_pixels += counts[: info.num_classes]
+            class_pixels += counts[:num_classes]
             ignore_pixels += int(counts[IGNORE_INDEX])
         if class_pixels.tolist() != split_index.class_pixels or ignore_pixels != split_index.ignore_pixels:
             raise IncompleteDatasetError(f"{root}: split {name} pixel histogram differs from {INDEX_FILE}")

@@ -17,12 +17,37 @@ from typing import Any, Literal
 
 TrunkKind = Literal["vit", "beit", "dinov3", "dinov2", "eva02"]
 HeadKind = Literal["upernet", "mask2former"]
-DatasetName = Literal["ade20k", "coco_stuff164k", "pascal_context_59"]
+BuiltinDataset = Literal["ade20k", "coco_stuff164k", "pascal_context_59"]
+# a built-in dataset, or a user's dataset card in use (register_dataset): checked by validate, not by its type
+DatasetName = str
 DeformAttnBackend = Literal["auto", "pytorch", "triton"]
 IGNORE_INDEX = 255
 NUM_INTERACTIONS = 4
 # classes of each dataset's evaluation protocol (docs/reference.md §D)
 NUM_CLASSES: dict[str, int] = {"ade20k": 150, "coco_stuff164k": 171, "pascal_context_59": 59}
+# the users' dataset cards in use in this process: name -> number of classes (register_dataset)
+_CARD_CLASSES: dict[str, int] = {}
+
+
+def register_dataset(name: str, num_classes: int) -> None:
+    """Make a user's dataset card known to :func:`validate` (``data.dataset`` = ``name`` with ``num_classes``).
+
+    ``pipelines`` calls it whenever it meets a card: in the card file, in its shards' index, in a checkpoint
+    trained on it; ``models`` never reads cards itself (it imports nothing of ``data``).
+
+    Raises:
+        ValueError: a built-in dataset's name or a class count outside 1..255.
+    """
+    if name in NUM_CLASSES:
+        raise ValueError(f"dataset {name!r} is built in; a dataset card needs another name")
+    if not 1 <= num_classes <= 255:
+        raise ValueError(f"dataset {name!r}: {num_classes} classes (expected 1..255)")
+    _CARD_CLASSES[name] = num_classes
+
+
+def dataset_classes(name: str) -> int | None:
+    """The number of classes of a built-in dataset or a registered card, None when neither."""
+    return NUM_CLASSES.get(name, _CARD_CLASSES.get(name))
 
 
 @dataclass(frozen=True)
@@ -367,7 +392,14 @@ def validate(config: SegmentorConfig) -> None:
         raise ValueError(
             f"{config.name}: img_size={trunk.img_size} is not a multiple of patch_size={trunk.patch_size}"
         )
-    expected_classes = NUM_CLASSES[config.data.dataset]
+    expected_classes = dataset_classes(config.data.dataset)
+    if expected_classes is None:
+        raise ValueError(
+            f"{config.name}: data.dataset={config.data.dataset!r}: allowed values are "
+            f"{', '.join(repr(name) for name in NUM_CLASSES)} or a dataset card in use "
+            f"({', '.join(_CARD_CLASSES) or 'none'}; `vitadapter train NAME --data SHARDS` of a card's shards "
+            "sets it)"
+        )
     if config.num_classes != expected_classes:
         raise ValueError(
             f"{config.name}: num_classes={config.num_classes} does not match data.dataset="

@@ -14,8 +14,8 @@ from models.config import (
     NUM_CLASSES,
     AdapterConfig,
     BackboneConfig,
+    BuiltinDataset,
     DataRecipe,
-    DatasetName,
     EvalRecipe,
     FCNConfig,
     Mask2FormerConfig,
@@ -131,7 +131,7 @@ def _layer_decay(lr: float, weight_decay: float, rate: float, num_layers: int) -
 
 
 def _data(
-    dataset: DatasetName,
+    dataset: BuiltinDataset,
     *,
     train_scale: tuple[int, int],
     test_scale: tuple[int, int],
@@ -256,7 +256,7 @@ def _beit_entry(
     name: str,
     *,
     folder: str,
-    dataset: DatasetName,
+    dataset: BuiltinDataset,
     head: str,
     size: str,
     pretrain: str,

@@ -3,8 +3,10 @@
 Sub-commands::
 
     vitadapter data list
+    vitadapter data init DIR --out CARD [--name NAME --val-fraction F]
     vitadapter data synthesize DATASET --out DIR [--num-train N --num-val M --seed S ...]
     vitadapter data prepare DATASET --raw PATH --out DIR [--skip-corrupt --workers N ...]
+    vitadapter data prepare --card CARD --out DIR [--skip-unpaired --skip-corrupt ...]
     vitadapter data validate DIR [--decode-images]
 
 The heavy imports (numpy, OpenCV, webdataset) happen inside the command functions.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 log = logging.getLogger("vitadapter.data")
 
@@ -62,24 +65,76 @@ def _synthesize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _prepare(args: argparse.Namespace) -> int:
-    from data.prepare import prepare_dataset
+def _init(args: argparse.Namespace) -> int:
+    from data.atomic import write_text_atomic
+    from data.card_init import card_text, default_name, scan_folder
+    from data.catalog import check_dataset_name
 
-    report = prepare_dataset(
-        args.dataset,
-        args.raw,
-        args.out,
-        splits=args.splits,
-        skip_corrupt=args.skip_corrupt,
-        samples_per_shard=args.samples_per_shard,
-        limit=args.limit,
-        workers=args.workers,
-        force=args.force,
+    out = Path(args.out)
+    name = check_dataset_name(args.name or default_name(Path(args.dir)), where="--name")
+    draft = scan_folder(
+        args.dir, val_fraction=args.val_fraction, seed=args.seed, progress=not args.no_progress
     )
+    text, lists = card_text(draft, out, name=name)
+    existing = [p for p in (out, *lists) if p.exists()]
+    if existing and not args.force:
+        raise ValueError(
+            f"{existing[0]} exists: refusing to replace it (choose another --out, or --force to replace it)"
+        )
+    for line in draft.summary_lines():
+        print(line)
+    for path, listing in lists.items():
+        write_text_atomic(path, listing)
+        print(f"wrote {path} ({len(listing.splitlines())} stems)")
+    write_text_atomic(out, text)
+    print(f"wrote {out}: edit the class names and check `labels`, then")
+    print(f"  vitadapter data prepare --card {out} --out artifacts/data/{name}")
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    if (args.card is None) == (args.dataset is None):
+        raise ValueError("vitadapter data prepare: give a DATASET with --raw, or --card CARD (your own data)")
+    if args.card is not None:
+        if args.raw:
+            raise ValueError("vitadapter data prepare --card: the card says where the files are; drop --raw")
+        from data.prepare_card import prepare_card
+
+        report = prepare_card(
+            args.card,
+            args.out,
+            splits=args.splits,
+            skip_unpaired=args.skip_unpaired,
+            skip_corrupt=args.skip_corrupt,
+            samples_per_shard=args.samples_per_shard,
+            limit=args.limit,
+            workers=args.workers,
+            force=args.force,
+        )
+    else:
+        if not args.raw:
+            raise ValueError(
+                f"vitadapter data prepare {args.dataset}: --raw PATH (the official download) is required"
+            )
+        if args.skip_unpaired:
+            raise ValueError("--skip-unpaired applies to a dataset card (--card)")
+        from data.prepare import prepare_dataset
+
+        report = prepare_dataset(
+            args.dataset,
+            args.raw,
+            args.out,
+            splits=args.splits,
+            skip_corrupt=args.skip_corrupt,
+            samples_per_shard=args.samples_per_shard,
+            limit=args.limit,
+            workers=args.workers,
+            force=args.force,
+        )
     for split, index in report.index.splits.items():
         log.info(
-            "%s %s: %d samples, %d shards, %d skipped as corrupt",
-            args.dataset,
+            "%s %s: %d samples, %d shards, %d skipped",
+            report.index.dataset,
             split,
             index.num_samples,
             len(index.shards),
@@ -121,6 +176,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "list", help="list the datasets, their classes, splits and label conventions"
     )
     listing.set_defaults(func=_list)
+
+    init = actions.add_parser(
+        "init",
+        help="scan a folder of images and label maps and write a dataset card for it",
+        description=(
+            "Scan DIR (ADE20K's images/{training,validation} + annotations/..., mmsegmentation's img_dir/{train,val} "
+            "+ ann_dir/..., or images/ beside labels/ or masks/, of which a train/val split is made as list files "
+            "beside the card), read every label map once, and write a dataset card: the splits and suffixes found, "
+            "the label values with their pixel share, a guessed `labels` rule with the reason, and placeholder "
+            "class names to edit. Prints pairs per split, files without a partner, label modes and size "
+            "mismatches. Then: vitadapter data prepare --card CARD --out DIR."
+        ),
+    )
+    init.add_argument("dir", metavar="DIR", help="the dataset folder")
+    init.add_argument("--out", required=True, metavar="CARD", help="the card file to write (YAML)")
+    init.add_argument("--name", help="the dataset's name (default: DIR's name)")
+    init.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.2,
+        help="share of the pairs put into val when DIR has no split (default 0.2)",
+    )
+    init.add_argument("--seed", type=int, default=0, help="shuffle of that split (default 0)")
+    init.add_argument("--force", action="store_true", help="replace an existing card (and list files)")
+    init.add_argument("--no-progress", action="store_true", help="no progress bar")
+    init.set_defaults(func=_init)
 
     synth = actions.add_parser(
         "synthesize",
@@ -169,12 +250,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Read DATASET under --raw (the downloaded archives, their extracted folders, or a synthetic twin), "
             "convert label maps to train ids (the reference's conventions), and write webdataset shards plus "
             "index.json into --out, atomically. Re-running with the same inputs is a no-op. When the dataset "
-            "is missing, the error says which files to download and where to put them."
+            "is missing, the error says which files to download and where to put them. With --card CARD your "
+            "own data is read and converted as the card says; a label value it does not map, an RGB mask without "
+            "an RGB map, a label map of another size than its image or a split without a pair is an error naming "
+            "the file, and so are files without a partner unless --skip-unpaired."
         ),
     )
-    prepare.add_argument("dataset", choices=DATASETS, help="dataset to prepare")
     prepare.add_argument(
-        "--raw", required=True, metavar="PATH", help="folder holding the downloaded archives or folders"
+        "dataset",
+        nargs="?",
+        choices=DATASETS,
+        help="built-in dataset to prepare (or --card for your own data)",
+    )
+    prepare.add_argument("--raw", metavar="PATH", help="folder holding the downloaded archives or folders")
+    prepare.add_argument(
+        "--card",
+        metavar="CARD",
+        help="a dataset card (vitadapter data init): your own images and label maps, converted by its label rule",
+    )
+    prepare.add_argument(
+        "--skip-unpaired",
+        action="store_true",
+        help="--card: skip images without a label map and label maps without an image (named in the log and "
+        "recorded in index.json) instead of stopping with an error",
     )
     prepare.add_argument(
         "--out",

@@ -18,18 +18,21 @@ log = logging.getLogger(__name__)
 
 
 def _train(args: argparse.Namespace) -> int:
+    from pipelines.config.datasets import retarget, shards_dataset
     from pipelines.config.knobs import knobs_from_flags
     from pipelines.engine.trainer import TrainingInterruptedError
     from pipelines.orchestration.tracked import train_command_tracked
     from pipelines.runs.training import RunSpec
 
     runs_dir = Path(args.runs_dir)
+    # a dataset card's shards: the entry with the card's classes (the class-dependent layers sized to it)
+    overrides = retarget(args.name, model_overrides(args), shards_dataset(args.data))
     spec = RunSpec(
         name=args.name,
         data=Path(args.data),
         work_dir=Path(args.work_dir) if args.work_dir else runs_dir / args.name,
         knobs=knobs_from_flags(args),
-        overrides=model_overrides(args),
+        overrides=overrides,
         init_from=args.init_from,
         weights_dir=Path(args.weights_dir),
         runs_dir=runs_dir,
@@ -63,7 +66,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--data",
         required=True,
-        help="prepared shard folder of the entry's dataset ('vitadapter data prepare')",
+        help="prepared shard folder of the entry's dataset, or of a dataset card ('vitadapter data prepare "
+        "--card'): the entry is then built with the card's number of classes, the rest of its recipe unchanged",
     )
     add_model_options(parser)
     parser.add_argument("--work-dir", help="run folder (default: RUNS_DIR/NAME)")
@@ -76,7 +80,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--init-from",
         default="auto",
-        help="strategy-2 stage checkpoint: auto (the stage's run or the released file), none, or a path",
+        help="strategy-2 stage checkpoint: auto (the stage's run or the released file), none, or a path: any "
+        "project or official checkpoint of the same architecture (e.g. the ADE20K model, to fine-tune on your "
+        "own data); its class-dependent layers start fresh when its classes differ (the key report names them), "
+        "any other missing or mis-shaped key is an error",
     )
     parser.add_argument(
         "--weights-dir",

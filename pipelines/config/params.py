@@ -8,13 +8,14 @@ Layout::
 
     paths:    {data, runs, weights, metrics, reports}       # folders (DVC outputs under artifacts/)
     tracking: {uri, experiment, reference_experiment, ...}   # MLflow
-    datasets: {<dataset>: {source: synthetic|raw, ...}}      # what `prepare` builds
-    runs:     {<run>: {config, overrides, init_from, train: {...}, eval: {...}, gpus}}
+    datasets: {<dataset>: {source: synthetic|raw|card, ...}} # what `prepare` builds (card: your own data)
+    runs:     {<run>: {config, data, overrides, init_from, train: {...}, eval: {...}, gpus}}
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import typing
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from pipelines.config.strict import ParamsError, build
 DatasetName = Literal["ade20k", "coco_stuff164k", "pascal_context_59"]
 # the keys of a run entry that define its training (with the weight-defining knobs of ``train``);
 # ``eval`` and the other ``train`` knobs never make a trained run stale
-TRAINING_KEYS = ("config", "preset", "overrides", "init_from", "gpus", "nodes")
+TRAINING_KEYS = ("config", "data", "preset", "overrides", "init_from", "gpus", "nodes")
 DEFAULT_PARAMS = Path("params.yaml")
 
 
@@ -93,14 +94,19 @@ class DatasetParams:
     """One dataset to prepare.
 
     Attributes:
-        source: ``synthetic`` (a twin in the official format) or ``raw`` (the official download in ``raw``).
+        source: ``synthetic`` (a twin in the official format), ``raw`` (the official download in ``raw``) or
+            ``card`` (your own data, described by the dataset card ``card``; the key is the card's name).
         raw: folder of the official download (``source: raw``).
+        card: the dataset card file (``source: card``), relative to the repository root.
+        skip_unpaired: ``source: card``: skip (and record) files without a partner instead of failing.
         num_train, num_val, seed, min_size, max_size, num_classes_used: the synthetic twin.
         samples_per_shard: shard size.
     """
 
-    source: Literal["synthetic", "raw"] = "synthetic"
+    source: Literal["synthetic", "raw", "card"] = "synthetic"
     raw: str | None = None
+    card: str | None = None
+    skip_unpaired: bool = False
     num_train: int = 16
     num_val: int = 4
     seed: int = 0
@@ -130,6 +136,9 @@ class RunParams:
 
     Attributes:
         config: zoo entry.
+        data: the dataset (a name under ``datasets``) the run trains and evaluates on; None: the entry's own.
+            A dataset card's name builds the entry with the card's classes (``data.dataset`` and
+            ``num_classes`` are then set by the card, in ``overrides``).
         preset: named overrides applied first (``tiny``: the demo's CPU-sized model of the same structure).
         overrides: zoo overrides by dotted path (``optimizer.lr: 0.002``; the aliases of
             :data:`models.overrides.ALIASES` too), checked like ``--set``.
@@ -140,6 +149,7 @@ class RunParams:
     """
 
     config: str
+    data: str | None = None
     preset: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
     init_from: str = "auto"
@@ -158,7 +168,8 @@ class RunParams:
 
     @property
     def dataset(self) -> str:
-        return self.model_config().data.dataset
+        """The dataset the run trains and evaluates on."""
+        return self.data or self.model_config().data.dataset
 
 
 @dataclass(frozen=True)
@@ -223,6 +234,11 @@ class Params:
             "nodes": run.nodes,
             "train": {key: getattr(run.train, key) for key in weight_defining_knobs()},
         }
+        if run.data is not None:  # a dataset card: another card (or an edited one) is another training
+            definition["data"] = run.data
+            card = self.datasets[run.data].card if run.data in self.datasets else None
+            if card is not None and Path(card).is_file():
+                definition["card_sha256"] = hashlib.sha256(Path(card).read_bytes()).hexdigest()
         if run.init_from in self.runs:
             definition["init_from_run"] = self.training_definition(run.init_from)
         return definition
@@ -244,14 +260,11 @@ def parse_params(raw: Any, *, source: str = "params.yaml") -> Params:
     except ParamsError as err:
         raise ParamsError(f"{source}: {err}") from None
     for name, dataset in params.datasets.items():
-        if name not in typing.get_args(DatasetName):
-            raise ParamsError(
-                f"{source}: datasets.{name}: unknown dataset (known: {', '.join(typing.get_args(DatasetName))})"
-            )
-        if dataset.source == "raw" and not dataset.raw:
-            raise ParamsError(
-                f"{source}: datasets.{name}: source 'raw' needs raw: <folder of the official download>"
-            )
+        _check_dataset(name, dataset, source)
+    runs = {}
+    for name, run in params.runs.items():
+        runs[name] = _with_data(name, run, params, source)
+    params = dataclasses.replace(params, runs=runs)
     for name, run in params.runs.items():
         try:
             models.get_config(run.config)
@@ -273,6 +286,67 @@ def parse_params(raw: Any, *, source: str = "params.yaml") -> Params:
     if env_uri:
         params = dataclasses.replace(params, tracking=dataclasses.replace(params.tracking, uri=env_uri))
     return params
+
+
+def _check_dataset(name: str, dataset: DatasetParams, source: str) -> None:
+    """A built-in dataset (a twin or the official download), or a card whose name is the key (put in use)."""
+    if dataset.source == "card":
+        from data.cards import CardError
+        from pipelines.config.datasets import use_card_file
+
+        if not dataset.card:
+            raise ParamsError(f"{source}: datasets.{name}: source 'card' needs card: <the dataset card file>")
+        try:
+            info = use_card_file(dataset.card)
+        except (CardError, FileNotFoundError) as err:
+            raise ParamsError(f"{source}: datasets.{name}.card: {err}") from None
+        if info.name != name:
+            raise ParamsError(
+                f"{source}: datasets.{name}: the card {dataset.card} is named {info.name!r}: use that name as the key"
+            )
+        return
+    if name not in typing.get_args(DatasetName):
+        raise ParamsError(
+            f"{source}: datasets.{name}: unknown dataset (known: {', '.join(typing.get_args(DatasetName))}; "
+            "your own data: source: card, card: <the card file>)"
+        )
+    if dataset.card is not None or dataset.skip_unpaired:
+        raise ParamsError(f"{source}: datasets.{name}: card and skip_unpaired apply to source: card")
+    if dataset.source == "raw" and not dataset.raw:
+        raise ParamsError(
+            f"{source}: datasets.{name}: source 'raw' needs raw: <folder of the official download>"
+        )
+
+
+def _with_data(name: str, run: RunParams, params: Params, source: str) -> RunParams:
+    """``run`` with the overrides of its ``data`` (a dataset card: its name and classes) merged in."""
+    if run.data is None:
+        return run
+    from data.catalog import get_dataset
+    from pipelines.config.datasets import retarget
+
+    if run.data not in params.datasets:
+        raise ParamsError(
+            f"{source}: runs.{name}.data: {run.data!r} is not listed under datasets "
+            f"(it lists: {', '.join(params.datasets) or 'none'})"
+        )
+    try:
+        entry = models.get_config(run.config)
+    except KeyError as err:
+        raise ParamsError(f"{source}: runs.{name}.config: {err.args[0]}") from None
+    info = get_dataset(run.data)
+    if not info.own:
+        if run.data != entry.data.dataset:
+            raise ParamsError(
+                f"{source}: runs.{name}.data: {run.config} is an entry of {entry.data.dataset}; for "
+                f"{run.data} use one of its entries (`vitadapter configs list`) or a dataset card"
+            )
+        return run
+    try:
+        overrides = retarget(run.config, models.zoo.resolved_overrides(run.config, run.overrides), info)
+    except ValueError as err:
+        raise ParamsError(f"{source}: runs.{name}.overrides: {err}") from None
+    return dataclasses.replace(run, overrides=overrides)
 
 
 def load_params(path: str | os.PathLike[str] = DEFAULT_PARAMS) -> Params:

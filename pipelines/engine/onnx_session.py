@@ -31,6 +31,10 @@ META_DYNAMIC_BATCH = "vitadapter.dynamic_batch"
 META_NUM_CLASSES = "vitadapter.num_classes"
 META_OUTPUT = "vitadapter.output"
 META_DEFORM_BACKEND = "vitadapter.deform_attn_backend"
+META_CLASS_NAMES = "vitadapter.class_names"
+META_PALETTE = "vitadapter.palette"
+# the dataset record (data.catalog.DatasetInfo.to_record): a user's card is put in use from it
+META_DATASET = "vitadapter.dataset"
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,10 @@ class OnnxSegmentor:
                     f"{identity[0]} with overrides {identity[1]}: give exports of one model"
                 )
             identity = this
+            if META_DATASET in meta:  # trained on a user's card: its classes before the config is built
+                from pipelines.config.datasets import use_record
+
+                use_record(json.loads(meta[META_DATASET]), source=str(path))
             height, width = (int(v) for v in meta[META_SIZE].split(","))
             self._exports[(height, width)] = _Export(
                 path=path,

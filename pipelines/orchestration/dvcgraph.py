@@ -1,6 +1,6 @@
 """``dvc.yaml`` from ``params.yaml``: one stage per dataset, run and evaluation, in the pipeline's order.
 
-prepare_<dataset> -> weights -> train_<run> (a run that starts from another run depends on its run
+prepare_<dataset> (a dataset card's stage depends on the card and the files it names) -> weights -> train_<run> (a run that starts from another run depends on its run
 folder: the two-stage chain) -> evaluate_<run>_<mode> -> report. Stage commands are
 ``vitadapter pipeline ...``; outputs go under ``artifacts/`` (DVC-tracked, git-ignored) and small
 metrics JSON under ``metrics/`` (git-tracked: ``cache: false``). Run folders are ``persist``-ed so that
@@ -12,6 +12,7 @@ an interrupted ``dvc repro`` resumes training instead of starting over.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,23 @@ def _training_params(raw: dict[str, Any], run: str) -> list[str]:
     return [*_present(raw, run, TRAINING_KEYS), *knobs]
 
 
+def card_dependencies(card: str) -> list[str]:
+    """What the prepare stage of a dataset card reads: the card, its folders, list files and parquet files."""
+    from data.cards import FolderSplit, ListSplit, load_card
+
+    loaded = load_card(card)
+    deps = [card]
+    for source in loaded.splits.values():
+        if isinstance(source, FolderSplit):
+            paths = [source.images, source.labels]
+        elif isinstance(source, ListSplit):
+            paths = [source.list, source.images, source.labels]
+        else:
+            paths = list(source.files)
+        deps += [Path(os.path.normpath(p)).as_posix() for p in paths]
+    return list(dict.fromkeys(deps))
+
+
 def build_dvc_graph(
     params: Params, params_file: str = "params.yaml", raw: dict[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -65,7 +83,7 @@ def build_dvc_graph(
     stages: dict[str, Any] = {}
     metrics = Path(params.paths.metrics)
     for dataset in params.datasets:
-        stages[f"prepare_{dataset}"] = {
+        stage: dict[str, Any] = {
             "cmd": f"vitadapter pipeline prepare {dataset} --params {params_file}",
             "params": [{params_file: [f"datasets.{dataset}", "paths.data"]}],
             "outs": [str(params.data_dir(dataset)), str(Path(params.paths.data) / f"{dataset}_twin")]
@@ -73,6 +91,14 @@ def build_dvc_graph(
             else [str(params.data_dir(dataset))],
             "metrics": [_metric(metrics / "data" / f"{dataset}.json")],
         }
+        card = params.datasets[dataset].card
+        if params.datasets[dataset].source == "card" and card is not None:
+            stage = {
+                "cmd": stage["cmd"],
+                "deps": card_dependencies(card),
+                **{k: v for k, v in stage.items() if k != "cmd"},
+            }
+        stages[f"prepare_{dataset}"] = stage
     weight_keys = [k for name in params.runs for k in _training_params(raw, name)]
     stages["weights"] = {
         "cmd": f"vitadapter pipeline weights --params {params_file}",

@@ -48,7 +48,15 @@ def prepare_stage(params: Params, dataset: str) -> dict[str, Any]:
         raise ParamsError(f"params.yaml: datasets does not list {dataset!r}")
     spec = params.datasets[dataset]
     out = params.data_dir(dataset)
-    if spec.source == "synthetic":
+    if spec.source == "card":  # your own data: the card says where the files are and how to read the labels
+        from data.prepare_card import prepare_card
+
+        assert spec.card is not None  # parse_params requires it
+        report = prepare_card(
+            spec.card, out, samples_per_shard=spec.samples_per_shard, skip_unpaired=spec.skip_unpaired
+        )
+        raw = Path(spec.card)
+    elif spec.source == "synthetic":
         twin = synthesize(
             dataset,
             Path(params.paths.data) / f"{dataset}_twin",
@@ -60,9 +68,10 @@ def prepare_stage(params: Params, dataset: str) -> dict[str, Any]:
             num_classes_used=spec.num_classes_used,
         )
         raw = twin.root
+        report = prepare_dataset(dataset, raw, out, samples_per_shard=spec.samples_per_shard)
     else:
         raw = Path(spec.raw)
-    report = prepare_dataset(dataset, raw, out, samples_per_shard=spec.samples_per_shard)
+        report = prepare_dataset(dataset, raw, out, samples_per_shard=spec.samples_per_shard)
     index_file = out / "index.json"
     summary = {
         "dataset": dataset,
@@ -71,6 +80,10 @@ def prepare_stage(params: Params, dataset: str) -> dict[str, Any]:
         "index_sha256": file_sha256(index_file),
         "counts": {
             split: info["num_samples"] for split, info in json.loads(index_file.read_text())["splits"].items()
+        },
+        "skipped": {
+            split: len(info["skipped"])
+            for split, info in json.loads(index_file.read_text())["splits"].items()
         },
         "reused": report.reused,
     }

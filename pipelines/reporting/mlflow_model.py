@@ -75,6 +75,10 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
         from pipelines.runs.prediction import Segmenter
 
         info = json.loads(Path(context.artifacts["model_info"]).read_text())
+        if isinstance(info.get("dataset_record"), dict):  # a user's card: its classes known before the build
+            from pipelines.config.datasets import use_record
+
+            use_record(info["dataset_record"], source=context.artifacts["model_info"])
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model, config, _ = model_from_checkpoint(
             info["zoo_entry"], context.artifacts["checkpoint"], info["overrides"], device=device
@@ -166,6 +170,7 @@ def encode_image(path_or_bgr: Path | np.ndarray) -> str:
 
 def model_info(config: SegmentorConfig, overrides: dict[str, Any]) -> dict[str, Any]:
     """What the pyfunc rebuilds the model from, and what a reader of the MLmodel wants to know."""
+    from data.catalog import get_dataset
     from pipelines.runs.inputs import class_names, palette
 
     return {
@@ -175,6 +180,8 @@ def model_info(config: SegmentorConfig, overrides: dict[str, Any]) -> dict[str, 
         "num_classes": config.num_classes,
         "class_names": list(class_names(config)),
         "palette": palette(config).tolist(),
+        # the whole dataset record (a user's card: its classes and palette) the model is rebuilt with
+        "dataset_record": get_dataset(config.data.dataset).to_record(),
         "input": "RGB uint8 (H, W, 3) array, (N, H, W, 3) batch, or base64 PNG/JPEG strings",
         "output": "class-index map (H, W) per image (train ids)",
     }
@@ -232,7 +239,8 @@ def log_segmentation_model(
     register: bool = True,
 ) -> dict[str, Any]:
     """Log the pyfunc of ``checkpoint`` as artifact ``model`` of run ``run_id`` and register it under
-    ``config.name`` when the store has a Model Registry.
+    :func:`registered_name` (the zoo entry's name; ``<entry>-<card>`` on a user's card) when the store has a
+    Model Registry.
 
     Returns:
         ``model_uri`` (``runs:/<run>/model``), ``registered`` (name) and ``version`` (None when not registered).
@@ -256,17 +264,31 @@ def log_segmentation_model(
     if not register:
         return result
     source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{MODEL_ARTIFACT}"
+    name = registered_name(config)
     try:
         try:
-            client.create_registered_model(config.name, description=f"ViT-Adapter zoo entry {config.name}")
+            client.create_registered_model(
+                name, description=f"ViT-Adapter zoo entry {config.name} on {config.data.dataset}"
+            )
         except MlflowException as err:
             if err.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
         version = client.create_model_version(
-            config.name, source, run_id=run_id, tags={"zoo_entry": config.name, "checkpoint": checkpoint.name}
+            name,
+            source,
+            run_id=run_id,
+            tags={"zoo_entry": config.name, "dataset": config.data.dataset, "checkpoint": checkpoint.name},
         )
     except MlflowException as err:  # a store without a Model Registry: the logged model stays usable
-        log.warning("MLflow: model of run %s logged but not registered as %s: %s", run_id, config.name, err)
+        log.warning("MLflow: model of run %s logged but not registered as %s: %s", run_id, name, err)
         return result
-    log.info("MLflow: registered models:/%s/%s (run %s)", config.name, version.version, run_id)
-    return {**result, "registered": config.name, "version": int(version.version)}
+    log.info("MLflow: registered models:/%s/%s (run %s)", name, version.version, run_id)
+    return {**result, "registered": name, "version": int(version.version)}
+
+
+def registered_name(config: SegmentorConfig) -> str:
+    """The Model Registry name of a model of ``config``: the zoo entry's name, and on a user's dataset card
+    ``<entry>-<card>`` (a model of other classes is never a version of the entry's own model)."""
+    from pipelines.config.datasets import has_published_row
+
+    return config.name if has_published_row(config) else f"{config.name}-{config.data.dataset}"

@@ -27,6 +27,7 @@ from pipelines.reporting.records import (
     MAX_TAG_VALUE,
     RECIPE_DIFF_ARTIFACT,
     TAG_COMPARABLE,
+    TAG_PUBLISHED,
     clip,
     finite,
     metric_name,
@@ -221,5 +222,9 @@ def refresh_summary(store: MlflowStore, run_id: str) -> None:
     if validation:
         metrics["val/mIoU"] = max(validation)
     text = run.data.tags.get(SUMMARY_TEXT_TAG, "")
-    published = {mode: metrics.get(f"published_{mode}_mIoU") for mode in ("ss", "ms")}
+    published: dict[str, float | str | None] = {
+        mode: metrics.get(f"published_{mode}_mIoU") for mode in ("ss", "ms")
+    }
+    if run.data.tags.get(TAG_PUBLISHED):  # a user's card: "no published row" in place of the numbers
+        published = dict.fromkeys(("ss", "ms"), run.data.tags[TAG_PUBLISHED])
     store.log(run_id, tags={DESCRIPTION_TAG: run_summary(text, metrics, published)})

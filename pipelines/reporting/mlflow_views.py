@@ -152,12 +152,17 @@ def dataset_input(data_dir: Path, split: str, context: str) -> DatasetInput | No
     )
 
 
-def run_summary(description: str, metrics: Mapping[str, float], published: Mapping[str, float | None]) -> str:
+def run_summary(
+    description: str, metrics: Mapping[str, float], published: Mapping[str, float | str | None]
+) -> str:
     """A training run's page description: first a table of its SS/MS mIoU beside the published SS/MS mIoU,
-    its best validation mIoU and last total loss (``-`` where there is no number yet; the table comes first
-    because the page shows only the description's first lines), then ``description``."""
+    its best validation mIoU and last total loss (``-`` where there is no number yet, a text such as
+    ``no published row`` as is; the table comes first because the page shows only the description's first
+    lines), then ``description``."""
 
-    def fmt(value: float | None, digits: int = 2) -> str:
+    def fmt(value: float | str | None, digits: int = 2) -> str:
+        if isinstance(value, str):
+            return value
         return "-" if value is None else f"{value:.{digits}f}"
 
     rows = [

@@ -44,6 +44,8 @@ TAG_KIND = "vitadapter.kind"
 TAG_CHAIN = "vitadapter.chain"
 TAG_ZOO = "vitadapter.zoo_entry"
 TAG_MODE = "vitadapter.eval_mode"
+# "no published row" on the runs of a user's dataset card (pipelines.config.datasets.NO_PUBLISHED_ROW)
+TAG_PUBLISHED = "vitadapter.published"
 TAG_LAST_CHECKPOINT = "vitadapter.last_checkpoint"
 TAG_BEST_CHECKPOINT = "vitadapter.best_checkpoint"
 PARENT_TAG = "mlflow.parentRunId"  # what makes MLflow (and its UI) nest a run under another

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pipelines.config.datasets import NO_PUBLISHED_ROW, has_published_row, published_miou
 from pipelines.config.params import Params
 
 
@@ -29,8 +30,10 @@ def report_rows(params: Params) -> list[dict[str, Any]]:
                     "dataset": config.data.dataset,
                     "mode": mode,
                     "miou": None if ours is None else ours["mIoU"],
-                    "published_miou": config.published.miou(mode),
+                    "published_miou": published_miou(config, mode),
                     "delta_miou": None if ours is None else ours["delta_miou"],
+                    # trained on a user's card: the entry's published numbers are another task
+                    "published_row": has_published_row(config),
                     "params_published_m": config.published.params_m,
                     "overrides": bool(run.overrides or run.preset),
                     "extension": config.published.extension,
@@ -55,6 +58,8 @@ def _evaluation_record(params: Params, name: str, mode: str) -> dict[str, Any] |
 def _note(row: dict[str, Any]) -> str:
     if row.get("extension"):
         return "extension entry: nothing published to compare with"
+    if row.get("published_row") is False:
+        return f"own data ({row['dataset']}): {NO_PUBLISHED_ROW}"
     if row.get("comparable") is None:  # not evaluated yet, or before recipe diffs were recorded
         return "modified config (preset/overrides): not comparable" if row["overrides"] else ""
     if row["comparable"]:
@@ -75,8 +80,11 @@ def report_markdown(rows: list[dict[str, Any]]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
+        own = row.get("published_row") is False
+        published = NO_PUBLISHED_ROW if own else fmt(row["published_miou"])
+        delta = NO_PUBLISHED_ROW if own else fmt(row["delta_miou"])
         lines.append(
             f"| {row['run']} | {row['config']} | {row['mode'].upper()} | {fmt(row['miou'])} | "
-            f"{fmt(row['published_miou'])} | {fmt(row['delta_miou'])} | {_note(row)} |"
+            f"{published} | {delta} | {_note(row)} |"
         )
     return "\n".join(lines) + "\n"

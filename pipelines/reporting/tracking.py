@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from pipelines.config.datasets import NO_PUBLISHED_ROW, has_published_row
 from pipelines.config.params import RunParams, Tracking
 from pipelines.reporting.mlflow_store import (
     MlflowStore,
@@ -52,6 +53,7 @@ from pipelines.reporting.records import (
     TAG_FAILED_OVER_FROM,
     TAG_KIND,
     TAG_MODE,
+    TAG_PUBLISHED,
     TAG_RUN,
     TAG_ZOO,
     TRAIN_FILES,
@@ -233,7 +235,14 @@ class Tracker:
             f"iterations. Its evaluations are the runs of its group; the published rows are in experiment "
             f"{self.settings.reference_experiment}."
         )
-        published_numbers = {"ss": spec.config.published.miou_ss, "ms": spec.config.published.miou_ms}
+        own = not has_published_row(spec.config)  # a user's card: no published row to set it against
+        published_numbers: dict[str, float | str | None] = (
+            dict.fromkeys(("ss", "ms"), NO_PUBLISHED_ROW)
+            if own
+            else {"ss": spec.config.published.miou_ss, "ms": spec.config.published.miou_ms}
+        )
+        if own:
+            tags[TAG_PUBLISHED] = NO_PUBLISHED_ROW
         tags[SUMMARY_TEXT_TAG] = text
         tags[DESCRIPTION_TAG] = run_summary(text, {}, published_numbers)
         if spec.parent is not None:
@@ -270,7 +279,7 @@ class Tracker:
             params={key: value for key, value in params.items() if key not in logged},
             tags=tags,
             metrics={}
-            if resumed
+            if resumed or own
             else {
                 "published_ss_mIoU": published.miou_ss,
                 "published_ms_mIoU": published.miou_ms,
@@ -403,6 +412,8 @@ class Tracker:
             experiment = self.settings.experiment
             found = store.find_runs(experiment, {TAG_RUN: run_name, TAG_KIND: KIND_TRAIN}, max_results=1)
             eval_tags = {**tags, TAG_RUN: run_name, TAG_KIND: KIND_EVAL, TAG_MODE: mode}
+            if metrics.get("published") == NO_PUBLISHED_ROW:  # a user's card: no delta to show
+                eval_tags[TAG_PUBLISHED] = NO_PUBLISHED_ROW
             if found:
                 eval_tags[PARENT_TAG] = found[0].info.run_id
                 # the vocabulary shared with the published rows (dataset, head, crop, ...), as on its training run

@@ -23,6 +23,7 @@ from torch import nn
 import cuda_ops
 from data.provenance import dataset_source
 from models.config import SegmentorConfig
+from pipelines.config.datasets import NO_PUBLISHED_ROW, has_published_row, published_miou
 from pipelines.config.specs import EvalMode, test_pipeline
 from pipelines.engine.distributed import DistInfo
 from pipelines.engine.evaluator import (
@@ -53,13 +54,14 @@ class EvaluationResult:
         backend: the deformable-attention backend(s) that ran (``pytorch``, ``triton``, or both joined by ``+``).
         metrics: ``mIoU``, ``aAcc``, ``mAcc`` (percent) and ``num_images``.
         per_class: per-class IoU and Acc.
-        published_miou: the published mIoU of this mode (None: none published).
+        published_miou: the published mIoU of this mode (None: none published, or a user's card).
         data: where the images came from.
         artifacts: files written (overlays).
         confusion: (K, K) int64 class confusion matrix over the set (rows the label, columns the
             prediction), accumulated beside the IoU counts (:class:`pipelines.engine.metrics.SegMetrics`).
         tf32: the TF32 setting (in effect on CUDA only).
         recipe_diff: the evaluation's :class:`pipelines.runs.recipe_diff.RecipeDiff` as a dict.
+        published_row: whether the entry's published row applies (False on a user's dataset card).
     """
 
     config: str
@@ -74,6 +76,7 @@ class EvaluationResult:
     confusion: np.ndarray | None = None
     tf32: bool = True
     recipe_diff: dict[str, Any] | None = None
+    published_row: bool = True
 
     @property
     def delta_miou(self) -> float | None:
@@ -89,6 +92,8 @@ class EvaluationResult:
             "data": self.data,
             "published_miou": self.published_miou,
             "delta_miou": self.delta_miou,
+            # trained on a user's card: the entry's published numbers are not the same task
+            **({} if self.published_row else {"published": NO_PUBLISHED_ROW}),
             "tf32": self.tf32,
             **self.metrics,
             **(
@@ -230,7 +235,8 @@ def evaluate_model(
         backend=backends_label(used),
         metrics=metrics,
         per_class=per_class,
-        published_miou=config.published.miou(mode),
+        published_miou=published_miou(config, mode),
+        published_row=has_published_row(config),
         data=source.description,
         artifacts=artifacts,
         confusion=confusion,

@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 import models
-from data.catalog import get_dataset
+from data.catalog import get_dataset, is_builtin
 from models.checkpoint import LoadReport, load_checkpoint_file, load_official_state_dict
 from models.config import SegmentorConfig
+from pipelines.config.datasets import retarget, shards_dataset, use_record
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +45,13 @@ def model_from_checkpoint(
     """
     if state is None:
         state = load_checkpoint_file(checkpoint)
+    card = None
+    if isinstance(state.get("dataset"), dict):  # trained on a user's card: its classes and palette
+        card = use_record(state["dataset"], source=str(checkpoint))
     if name is None:
         name = recorded_entry(state, checkpoint)
-    if overrides is None:
-        overrides = dict(state.get("overrides") or {})
+    # the caller's overrides (on the classes the weights were trained on), else the checkpoint's own
+    overrides = dict(state.get("overrides") or {}) if overrides is None else retarget(name, overrides, card)
     if backend is not None:
         overrides = {**overrides, "deform_attn_backend": backend}
     recorded = state.get("config")
@@ -84,6 +88,7 @@ def check_shards_match(config: SegmentorConfig, root: str | Path) -> None:
 
     index_file = Path(root) / INDEX_FILE
     index = DatasetIndex.from_json(index_file.read_text(), source=str(index_file))
+    shards_dataset(root)  # a card's shards: its classes in use
     expected = get_dataset(config.data.dataset)
     problems = []
     if index.dataset != config.data.dataset:
@@ -101,10 +106,12 @@ def check_shards_match(config: SegmentorConfig, root: str | Path) -> None:
             f"in {config.data.dataset}"
         )
     if problems:
-        raise ValueError(
-            f"{root} does not hold the data of {config.name}: {'; '.join(problems)} "
-            f"(prepare {config.data.dataset} with `vitadapter data prepare {config.data.dataset} ...`)"
+        hint = (
+            f"train on them with `vitadapter train {config.name} --data {root}` (the card's classes)"
+            if index.card is not None
+            else f"prepare {config.data.dataset} with `vitadapter data prepare {config.data.dataset} ...`"
         )
+        raise ValueError(f"{root} does not hold the data of {config.name}: {'; '.join(problems)} ({hint})")
 
 
 @dataclass
@@ -134,6 +141,11 @@ def eval_items(
         items: Iterator[dict[str, Any]] = iter(loader)
         description = f"prepared shards {root}"
     else:
+        if not is_builtin(dataset):
+            raise ValueError(
+                f"{root} has no {INDEX_FILE}: evaluate the dataset card {dataset!r} on its prepared shards "
+                "(`vitadapter data prepare --card CARD --out DIR`)"
+            )
         from data.readers import find_samples, load_sample
 
         samples = find_samples(dataset, root, "val")[rank::world_size]
@@ -153,6 +165,7 @@ def eval_items(
 
 
 def class_names(config: SegmentorConfig) -> tuple[str, ...]:
+    """The class names of ``config``'s dataset (a user's card: its names), by train id."""
     info = get_dataset(config.data.dataset)
     if info.num_classes != config.num_classes:
         return tuple(str(i) for i in range(config.num_classes))
@@ -160,10 +173,13 @@ def class_names(config: SegmentorConfig) -> tuple[str, ...]:
 
 
 def palette(config: SegmentorConfig) -> np.ndarray:
-    """(K, 3) uint8 RGB colours of the classes."""
+    """(K, 3) uint8 RGB colours of the classes (a user's card: its palette)."""
     from data.catalog import make_palette
 
-    return make_palette(config.num_classes)
+    info = get_dataset(config.data.dataset)
+    if info.num_classes != config.num_classes:
+        return make_palette(config.num_classes)
+    return info.palette
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")

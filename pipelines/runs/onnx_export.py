@@ -39,12 +39,15 @@ from models.adapter.ms_deform_attn import MSDeformAttn
 from models.builder import set_deform_attn_backend
 from models.config import SegmentorConfig
 from pipelines.engine.onnx_session import (
+    META_CLASS_NAMES,
+    META_DATASET,
     META_DEFORM_BACKEND,
     META_DYNAMIC_BATCH,
     META_ENTRY,
     META_NUM_CLASSES,
     META_OUTPUT,
     META_OVERRIDES,
+    META_PALETTE,
     META_SIZE,
 )
 
@@ -98,7 +101,11 @@ def default_size(config: SegmentorConfig) -> tuple[int, int]:
 def onnx_metadata(
     config: SegmentorConfig, overrides: dict[str, Any], size: tuple[int, int], *, dynamic_batch: bool
 ) -> dict[str, str]:
-    """The ``metadata_props`` of an export: what rebuilds its config and test pipeline."""
+    """The ``metadata_props`` of an export: what rebuilds its config and test pipeline, and the dataset's class
+    names, palette and record."""
+    from data.catalog import get_dataset
+    from pipelines.runs.inputs import class_names, palette
+
     return {
         META_ENTRY: config.name,
         META_OVERRIDES: json.dumps(
@@ -109,6 +116,10 @@ def onnx_metadata(
         META_NUM_CLASSES: str(config.num_classes),
         META_OUTPUT: "logits" if config.head == "upernet" else "semantic_scores",
         META_DEFORM_BACKEND: "pytorch",
+        # what a reader of the file needs to name and colour the classes (a user's card: its own)
+        META_CLASS_NAMES: json.dumps(list(class_names(config))),
+        META_PALETTE: json.dumps(palette(config).tolist()),
+        META_DATASET: json.dumps(get_dataset(config.data.dataset).to_record(), sort_keys=True),
     }
 
 

@@ -35,13 +35,15 @@ from typing import Any, Literal
 
 import models
 from models.config import SegmentorConfig
+from pipelines.config.datasets import NO_PUBLISHED_ROW
 
 log = logging.getLogger(__name__)
 
 RECIPE_DIFF_FILE = "recipe_diff.json"
 Kind = Literal["training", "evaluation"]
 # config paths compared as their own deviation, bookkeeping that changes no weights, implementation choices
-_OWN_ITEMS = ("schedule.max_iters", "data.train.crop_size")
+# (the dataset and its class count are the ``dataset`` deviation)
+_OWN_ITEMS = ("schedule.max_iters", "data.train.crop_size", "data.dataset", "num_classes")
 _BOOKKEEPING = (
     "schedule.eval_interval",
     "schedule.checkpoint_interval",
@@ -70,6 +72,8 @@ class Deviation:
     note: str = ""
 
     def line(self) -> str:
+        if self.published is None and self.note == NO_PUBLISHED_ROW:  # own data: nothing to set it against
+            return f"{self.key}: {_show(self.ours)}: {self.note}"
         note = f"  ({self.note})" if self.note else ""
         return f"{self.key}: published {_show(self.published)}, ours {_show(self.ours)}{note}"
 
@@ -216,10 +220,14 @@ def _init_from(config: SegmentorConfig, init: Mapping[str, Any] | None) -> list[
 
 
 def dataset_deviations(dataset: Mapping[str, Any]) -> list[Deviation]:
-    """``dataset`` unless the data are the official distribution (:func:`data.provenance.dataset_source`)."""
+    """``dataset`` unless the data are the official distribution (:func:`data.provenance.dataset_source`); a
+    user's card reads ``dataset: <name> (K classes, own data): no published row``."""
     kind = dataset.get("kind")
     if kind == "official":
         return []
+    if kind == "own":
+        ours = f"{dataset.get('card')} ({dataset.get('num_classes')} classes, own data)"
+        return [Deviation("dataset", None, ours, NO_PUBLISHED_ROW)]
     note = "a synthetic twin" if kind == "synthetic" else str(dataset.get("reason", "unknown source"))
     return [Deviation("dataset", "official distribution", kind, note)]
 
@@ -279,6 +287,12 @@ def training_diff(
     compare("tf32", True, plan.tf32, "the reference's CUDA convolutions and matmuls ran in TF32")
     if published.pretrained.init_from:
         deviations += _init_from(published, init_from)
+    elif init_from is not None:  # fine-tuning from a checkpoint instead of the pretrained trunk
+        deviations.append(
+            Deviation(
+                "init_from", None, init_from.get("file"), "starts from a checkpoint, not the pretrained trunk"
+            )
+        )
     else:
         deviations += _weights(published, pretrained)
     deviations += dataset_deviations(dataset)

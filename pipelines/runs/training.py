@@ -25,10 +25,13 @@ from torch import nn
 
 import models
 from data.atomic import write_json_atomic
+from data.catalog import get_dataset
 from data.provenance import dataset_source
 from models.checkpoint import LoadReport, load_checkpoint_file, load_stage_checkpoint
 from models.config import SegmentorConfig
+from models.finetune import load_init_checkpoint
 from models.pretrained import load_pretrained_trunk
+from pipelines.config.datasets import is_own_data, shards_dataset
 from pipelines.config.knobs import TrainParams
 from pipelines.config.params import DEFAULT_PATHS
 from pipelines.config.specs import train_pipeline
@@ -37,7 +40,7 @@ from pipelines.engine.plan import TrainPlan, resolve_plan
 from pipelines.engine.trainer import Callback, Trainer, TrainResult
 from pipelines.runs import evaluation, recipe_diff
 from pipelines.runs.folder import CONFIG_FILE, KEY_REPORT, RunFolder
-from pipelines.runs.inputs import check_shards_match
+from pipelines.runs.inputs import check_shards_match, class_names
 from pipelines.runs.recipe_diff import RecipeDiff
 from pipelines.runs.weights import resolve_weights
 
@@ -56,8 +59,9 @@ class RunSpec:
         overrides: zoo overrides by full path (:func:`models.zoo.resolved_overrides`), recorded in checkpoints.
         init_from: strategy-2 stage checkpoint: ``"auto"`` (for entries with a stage 1: the stage run's
             best checkpoint under ``runs_dir``, else the released file in ``weights_dir``), ``"none"``, or
-            a file path (any entry: the run starts from that checkpoint, class layers re-initialised
-            where their shapes differ).
+            a file path (any entry: the run starts from that checkpoint of the same architecture; the
+            class-dependent layers start fresh when its classes differ, any other missing or mis-shaped key is
+            an error).
         weights_dir: folder of pretrained and released files.
         runs_dir: folder of run folders (for ``init_from="auto"``).
         device: ``auto``, ``cpu`` or ``cuda``.
@@ -80,6 +84,7 @@ class RunSpec:
     preset: str | None = None
 
     def config(self) -> SegmentorConfig:
+        shards_dataset(self.data)  # a card's shards: its classes known to the zoo's checks
         return models.get_config(self.name, self.overrides)
 
 
@@ -129,6 +134,46 @@ def load_stage(model: nn.Module, path: Path) -> LoadReport:
     return load_stage_checkpoint(model, load_checkpoint_file(path), source=str(path))
 
 
+def checkpoint_classes(state: dict[str, Any]) -> tuple[str, ...] | None:
+    """The class names a checkpoint was trained on, where it records them (a card's record, its zoo entry and
+    overrides, or mmsegmentation's ``meta.CLASSES``); None when it does not say."""
+    record = state.get("dataset")
+    if isinstance(record, dict) and isinstance(record.get("class_names"), list):
+        return tuple(str(name) for name in record["class_names"])
+    meta = state.get("meta") if isinstance(state.get("meta"), dict) else {}
+    if isinstance(meta.get("CLASSES"), list | tuple):
+        return tuple(str(name) for name in meta["CLASSES"])
+    entry = state.get("config") if isinstance(state.get("config"), str) else meta.get("zoo_entry")
+    overrides = state.get("overrides") if isinstance(state.get("overrides"), dict) else {}
+    try:
+        dataset = overrides.get("data.dataset") or models.get_config(str(entry)).data.dataset
+        return tuple(get_dataset(str(dataset)).class_names) if entry else None
+    except (KeyError, ValueError):
+        return None
+
+
+def init_from_checkpoint(model: nn.Module, config: SegmentorConfig, path: Path, keys: dict[str, Any]) -> None:
+    """Start ``model`` from the checkpoint ``path`` (a strategy-2 stage, or any checkpoint of the same
+    architecture, e.g. to fine-tune on a card): every entry must match in name and shape except the
+    class-dependent layers, which start fresh when the classes differ (:func:`models.finetune.load_init_checkpoint`);
+    the key report records what was loaded and what was re-initialised."""
+    state = load_checkpoint_file(path)
+    recorded = checkpoint_classes(state)
+    ours = tuple(class_names(config))
+    same = None if recorded is None else (recorded == ours)
+    report = load_init_checkpoint(model, config, state, same_classes=same, source=str(path))
+    keys["init_from"] = report.to_dict()
+    # what the recipe diff judges the start by: the stage run's own diff, or the file's name
+    keys["init_from_checkpoint"] = {"file": str(path), "recipe_diff": state.get("recipe_diff")}
+    log.info(
+        "initialised from %s (%d tensors); re-initialised (%s): %s",
+        path,
+        len(report.load.loaded),
+        report.reason,
+        ", ".join(report.reinitialised) or "none",
+    )
+
+
 def build_model(spec: RunSpec, config: SegmentorConfig) -> tuple[nn.Module, dict[str, Any]]:
     """The initialised model and the key report of what was loaded into it."""
     torch.manual_seed(spec.knobs.seed)
@@ -136,12 +181,7 @@ def build_model(spec: RunSpec, config: SegmentorConfig) -> tuple[nn.Module, dict
     keys: dict[str, Any] = {"config": config.name, "overrides": spec.overrides}
     stage = stage_checkpoint_path(config, spec)
     if stage is not None:
-        state = load_checkpoint_file(stage)
-        report = load_stage_checkpoint(model, state, source=str(stage))
-        keys["init_from"] = report.to_dict()
-        # what the recipe diff judges the start by: the stage run's own diff, or the file's name
-        keys["init_from_checkpoint"] = {"file": str(stage), "recipe_diff": state.get("recipe_diff")}
-        log.info("initialised from %s; re-initialised: %s", stage, [k for k, _, _ in report.mismatched])
+        init_from_checkpoint(model, config, stage, keys)
     else:
         keys["pretrained"] = _load_pretrained(model, config, spec)
     return model, keys
@@ -242,6 +282,11 @@ def _train(spec: RunSpec, dist_info: DistInfo, callbacks: list[Callback] | None)
         batches,
         evaluate=run_eval,
         callbacks=callbacks,
-        extra_state={"overrides": spec.overrides, "recipe_diff": diff.to_dict()},
+        extra_state={
+            "overrides": spec.overrides,
+            "recipe_diff": diff.to_dict(),
+            # a user's card: its classes and palette travel with the weights (evaluate, predict, export, serve)
+            **({"dataset": get_dataset(config.data.dataset).to_record()} if is_own_data(config) else {}),
+        },
     )
     return trainer.fit()
