@@ -130,5 +130,7 @@ def load_init_checkpoint(
         for key in copied:
             target[key].copy_(tensors[key].to(dtype=target[key].dtype))
     load = LoadReport(loaded=copied, mismatched=report.mismatched, source=source)
-    log.debug("%s: %d entries copied; fresh (%s): %s", source, len(copied), reason, ", ".join(fresh) or "none")
+    log.debug(
+        "%s: %d entries copied; fresh (%s): %s", source, len(copied), reason, ", ".join(fresh) or "none"
+    )
     return InitReport(load=load, reinitialised=fresh, reason=reason)
