@@ -81,12 +81,13 @@ class CardDraft:
         for split, found in self.splits.items():
             made = " (split made by init)" if found.listed is not None else ""
             lines.append(f"  {split}: {len(found.pairs)} pairs{made}")
-            for what, names in (
-                ("images without a label", found.images_only),
-                ("labels without an image", found.labels_only),
+            for what, partner, names in (
+                ("image", "a label map", found.images_only),
+                ("label map", "an image", found.labels_only),
             ):
                 if names:
-                    lines.append(f"    {len(names)} {what}: {_first(names)}")
+                    plural = "s" if len(names) > 1 else ""
+                    lines.append(f"    {len(names)} {what}{plural} without {partner}: {_first(names)}")
         lines.append("  label modes: " + ", ".join(f"{m} {n}" for m, n in sorted(self.modes.items())))
         if self.size_mismatches:
             lines.append(

@@ -92,6 +92,7 @@ def load_init_checkpoint(
     wrong_shape = [k for k, _, _ in report.mismatched if k not in class_keys]
     if report.missing or report.unexpected or wrong_shape:
         others = LoadReport(
+            loaded=report.loaded,
             missing=report.missing,
             unexpected=report.unexpected,
             mismatched=[m for m in report.mismatched if m[0] in wrong_shape],
