@@ -26,11 +26,16 @@ def _train(args: argparse.Namespace) -> int:
 
     runs_dir = Path(args.runs_dir)
     # a dataset card's shards: the entry with the card's classes (the class-dependent layers sized to it)
-    overrides = retarget(args.name, model_overrides(args), shards_dataset(args.data))
+    dataset = shards_dataset(args.data)
+    overrides = retarget(args.name, model_overrides(args), dataset)
+    # a card's run gets a folder of its own: never resumed from (or mixed with) the entry's run on its dataset
+    default_dir = runs_dir / (
+        f"{args.name}-{dataset.name}" if dataset is not None and dataset.own else args.name
+    )
     spec = RunSpec(
         name=args.name,
         data=Path(args.data),
-        work_dir=Path(args.work_dir) if args.work_dir else runs_dir / args.name,
+        work_dir=Path(args.work_dir) if args.work_dir else default_dir,
         knobs=knobs_from_flags(args),
         overrides=overrides,
         init_from=args.init_from,
@@ -70,7 +75,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--card'): the entry is then built with the card's number of classes, the rest of its recipe unchanged",
     )
     add_model_options(parser)
-    parser.add_argument("--work-dir", help="run folder (default: RUNS_DIR/NAME)")
+    parser.add_argument(
+        "--work-dir",
+        help="run folder (default: RUNS_DIR/NAME; on a dataset card's shards RUNS_DIR/NAME-CARD)",
+    )
     parser.add_argument(
         "--runs-dir", default=DEFAULT_PATHS.runs, help=f"folder of run folders (default {DEFAULT_PATHS.runs})"
     )

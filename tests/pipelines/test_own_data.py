@@ -171,3 +171,74 @@ def test_a_folder_becomes_a_card_shards_a_fine_tuned_model_its_evaluation_and_pr
     assert set(present) <= {0, 1, 2}
     for class_id in present:
         assert tuple(PALETTE[class_id][::-1]) in colours, class_id  # BGR swatch of the card's colour
+
+
+@pytest.mark.slow
+def test_the_export_and_the_mlflow_model_carry_the_card_classes_and_palette(tmp_path: Path) -> None:
+    """ONNX metadata and the MLflow pyfunc's metadata name and colour the card's classes; both rebuild the
+    card's model from their own files (the ONNX export predicts with the card's palette, the pyfunc gives
+    `vitadapter predict`'s map)."""
+    import mlflow
+    import onnx
+
+    from data.prepare_card import prepare_card
+    from pipelines.reporting.mlflow_model import save_segmentation_model
+    from pipelines.runs.inputs import model_from_checkpoint
+
+    own = write_ade_layout(tmp_path / "toppings", num_train=2, num_val=1)
+    card = tmp_path / "toppings.yaml"
+    splits = {
+        s: {"images": f"toppings/images/{f}", "labels": f"toppings/annotations/{f}"}
+        for s, f in (("train", "training"), ("val", "validation"))
+    }
+    card.write_text(
+        yaml.safe_dump(
+            {
+                "name": "toppings",
+                "classes": list(CLASSES),
+                "palette": PALETTE,
+                "ignore_index": [255, 7],
+                "splits": splits,
+            }
+        )
+    )
+    prepare_card(card, tmp_path / "shards", skip_unpaired=True)
+    work = tmp_path / "run"
+    args = [
+        "train",
+        ENTRY,
+        "--data",
+        str(tmp_path / "shards"),
+        "--work-dir",
+        str(work),
+        "--init-from",
+        "none",
+    ]
+    assert main([*args, *cli_model_args(TINY_UPERNET_OVERRIDES), *TRAIN_ARGS]) == 0
+    checkpoint = work / "iter_0000002.pth"
+
+    exported = tmp_path / "model.onnx"
+    assert main(["export", "onnx", "--checkpoint", str(checkpoint), "--out", str(exported)]) == 0
+    meta = {p.key: p.value for p in onnx.load(str(exported), load_external_data=False).metadata_props}
+    assert json.loads(meta["vitadapter.class_names"]) == list(CLASSES)
+    assert json.loads(meta["vitadapter.palette"]) == PALETTE
+    assert json.loads(meta["vitadapter.dataset"])["name"] == "toppings"
+    image = own.root / "images" / "validation" / "val_000.jpg"
+    assert main(["predict", "--onnx", str(exported), "--out", str(tmp_path / "pred"), str(image)]) == 0
+    pred = cv2.imread(str(tmp_path / "pred" / "val_000.png"), cv2.IMREAD_UNCHANGED)
+    legend = cv2.imread(str(tmp_path / "pred" / "val_000_overlay.png"))[:, pred.shape[1] :].reshape(-1, 3)
+    for class_id in np.unique(pred).tolist():
+        assert tuple(PALETTE[class_id][::-1]) in {tuple(c) for c in legend.tolist()}
+
+    _, config, _ = model_from_checkpoint(None, checkpoint)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    folder = save_segmentation_model(
+        tmp_path / "pyfunc", checkpoint=checkpoint, config=config, overrides=state["overrides"]
+    )
+    metadata = mlflow.models.Model.load(str(folder)).metadata
+    assert metadata["class_names"] == list(CLASSES) and metadata["palette"] == PALETTE
+    served = mlflow.pyfunc.load_model(str(folder))
+    rgb = cv2.imread(str(image))[:, :, ::-1]
+    assert main(["predict", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "torch"), str(image)]) == 0
+    expected = cv2.imread(str(tmp_path / "torch" / "val_000.png"), cv2.IMREAD_UNCHANGED)
+    assert np.array_equal(np.asarray(served.predict(rgb)), expected)  # the same code as predict
