@@ -239,6 +239,8 @@ def test_the_export_and_the_mlflow_model_carry_the_card_classes_and_palette(tmp_
     assert metadata["class_names"] == list(CLASSES) and metadata["palette"] == PALETTE
     served = mlflow.pyfunc.load_model(str(folder))
     rgb = cv2.imread(str(image))[:, :, ::-1]
-    assert main(["predict", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "torch"), str(image)]) == 0
+    assert (
+        main(["predict", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "torch"), str(image)]) == 0
+    )
     expected = cv2.imread(str(tmp_path / "torch" / "val_000.png"), cv2.IMREAD_UNCHANGED)
     assert np.array_equal(np.asarray(served.predict(rgb)), expected)  # the same code as predict
