@@ -161,7 +161,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Datasets of the reproduction (ADE20K, COCO-Stuff-164k, Pascal Context 59): write synthetic twins "
             "in the official formats, turn an official download (or a twin) into validated webdataset shards, "
-            "and validate prepared shards."
+            "and validate prepared shards. Your own data: `data init DIR --out CARD` writes a dataset card for a "
+            "folder of images and label maps, `data prepare --card CARD --out DIR` its shards."
         ),
     )
     actions = parser.add_subparsers(dest="data_command", metavar="ACTION")

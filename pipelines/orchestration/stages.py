@@ -107,7 +107,8 @@ def weights_stage(params: Params, runs: list[str] | None = None) -> dict[str, An
     for name in runs if runs is not None else list(params.runs):
         run = params.run(name)
         config = run.model_config()
-        if run.init_from in params.runs or run.train.pretrained == "none":
+        # a run that starts from another run or from a checkpoint file (fine-tuning) loads no pretrained trunk
+        if run.init_from not in ("auto", "none") or run.train.pretrained == "none":
             resolved[name] = {"pretrained": None}
             continue
         path, digest = resolve_weights(
