@@ -21,6 +21,13 @@ Evaluation (:class:`EvalDataset`, :func:`build_eval_loader`): rank ``r`` of ``R`
 ``r, r + R, ...`` of the validation split, so every sample is visited exactly once across ranks (no padding:
 ranks may get one sample more or less). Each item is the decoded image at its original size (``(H, W, 3)``
 uint8 BGR), its train-id label map and metadata, plus the test views when a :class:`TestPipeline` is given.
+
+A corrupt sample (:class:`data.shards.CorruptSampleError`: a shard truncated or damaged after preparation) is
+an error in the main process naming the shard and the key, never a worker's traceback: the worker hands it
+over as a record and :class:`ShardLoader` raises it. With ``skip_corrupt`` a training sample that cannot be
+read is replaced by the next readable one of the split (deterministic: the stream stays a pure function of
+the step) and the batch lists it under ``skipped``; an evaluation sample is left out and listed in
+:attr:`ShardLoader.skipped`.
 """
 
 from __future__ import annotations
@@ -37,7 +44,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate, get_worker_info
 
 from data.eval_transforms import TestPipeline
-from data.shards import PreparedDataset, PreparedSplit, VerifyLevel
+from data.shards import (
+    CorruptSampleError,
+    IncompleteDatasetError,
+    PreparedDataset,
+    PreparedSplit,
+    VerifyLevel,
+)
 from data.train_transforms import TrainPipeline
 
 log = logging.getLogger(__name__)
@@ -45,6 +58,9 @@ log = logging.getLogger(__name__)
 PERMUTATION_SALT = 0x5EED_0001
 AUGMENTATION_SALT = 0x5EED_0002
 PERMUTATION_CACHE = 4
+# the records a worker hands over instead of a batch or an item (plain dicts: they pickle)
+CORRUPT_SAMPLE = "corrupt_sample"
+SKIPPED_SAMPLE = "skipped_sample"
 
 
 def resolve_distributed(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -78,8 +94,9 @@ def collate_train(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Stack pipeline outputs into a batch.
 
     Returns:
-        ``image`` float32 ``(B, 3, H, W)``, ``label`` int64 ``(B, H, W)``, ``keys`` list of str, and when present
-        ``gt_labels`` (list of int64 ``(N_i,)``) and ``gt_masks`` (list of bool ``(N_i, H, W)``).
+        ``image`` float32 ``(B, 3, H, W)``, ``label`` int64 ``(B, H, W)``, ``keys`` list of str, when present
+        ``gt_labels`` (list of int64 ``(N_i,)``) and ``gt_masks`` (list of bool ``(N_i, H, W)``), and
+        ``skipped`` (the corrupt samples replaced, records of :meth:`CorruptSampleError.to_record`).
     """
     # default_collate stacks straight into shared memory inside a loader worker, so sending the batch to the
     # main process costs no further copy.
@@ -91,6 +108,9 @@ def collate_train(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     if "gt_labels" in samples[0]:
         batch["gt_labels"] = [torch.from_numpy(s["gt_labels"]) for s in samples]
         batch["gt_masks"] = [torch.from_numpy(s["gt_masks"]) for s in samples]
+    skipped = [record for s in samples for record in s.get("skipped", ())]
+    if skipped:
+        batch["skipped"] = skipped
     return batch
 
 
@@ -106,6 +126,8 @@ class TrainStream(IterableDataset):
         world_size: number of ranks.
         start_step: steps this rank already consumed (resume point).
         micro_batches: batches per step (gradient accumulation); with more than one, each item is a list.
+        skip_corrupt: replace a sample that cannot be read by the next readable one (listed in the batch's
+            ``skipped``) instead of handing over the error.
     """
 
     def __init__(
@@ -119,6 +141,7 @@ class TrainStream(IterableDataset):
         world_size: int = 1,
         start_step: int = 0,
         micro_batches: int = 1,
+        skip_corrupt: bool = False,
     ) -> None:
         super().__init__()
         if micro_batches < 1:
@@ -136,6 +159,7 @@ class TrainStream(IterableDataset):
         self.rank, self.world_size = resolve_distributed(rank, world_size)
         self.start_step = start_step
         self.micro_batches = micro_batches
+        self.skip_corrupt = skip_corrupt
 
     def batch_positions(self, step: int, micro: int = 0) -> list[int]:
         """Global positions of micro-batch ``micro`` of this rank's step ``step``."""
@@ -153,21 +177,92 @@ class TrainStream(IterableDataset):
         return [self.batch(step, micro) for micro in range(self.micro_batches)]
 
     def sample(self, position: int) -> dict[str, Any]:
-        """Read, decode and augment the sample at global position ``position``."""
+        """Read, decode and augment the sample at global position ``position``.
+
+        Raises:
+            CorruptSampleError: it cannot be read (without ``skip_corrupt``; with it, the next readable
+                sample of the split takes its place, augmented as position ``position``).
+        """
         index = stream_sample(self.seed, position, len(self.split))
+        try:
+            return self._read(index, position)
+        except CorruptSampleError as err:
+            if not self.skip_corrupt:
+                raise
+            failure = err
+        for step in range(1, len(self.split)):
+            try:
+                item = self._read((index + step) % len(self.split), position)
+            except CorruptSampleError:
+                continue
+            return {**item, "skipped": [{**failure.to_record(), "replaced_by": item["key"]}]}
+        raise IncompleteDatasetError(f"{self.split.root}: no sample of split {self.split.split} can be read")
+
+    def _read(self, index: int, position: int) -> dict[str, Any]:
         record = self.split.record(index)
         image, label = record.decode()
         rng = np.random.default_rng([AUGMENTATION_SALT, self.seed, position])
         return {**self.pipeline(image, label, rng), "key": record.key}
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[Any]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         # The DataLoader asks workers in turn, starting with worker 0, so batches come back in step order.
         step = self.start_step + worker
         while True:
-            yield self.batch(step) if self.micro_batches == 1 else self.step_batches(step)
+            try:
+                yield self.batch(step) if self.micro_batches == 1 else self.step_batches(step)
+            except CorruptSampleError as err:  # handed over: ShardLoader raises it in the main process
+                yield {CORRUPT_SAMPLE: err.to_record()}
+                return
             step += num_workers
+
+
+class ShardLoader(DataLoader):
+    """A ``DataLoader`` that raises the corrupt sample a worker handed over (one line naming the shard and the
+    key, not the worker's traceback) and leaves out the evaluation samples skipped with ``skip_corrupt``.
+
+    Attributes:
+        skipped: the records of the samples left out so far (:meth:`CorruptSampleError.to_record`).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.skipped: list[dict[str, Any]] = []
+
+    def __iter__(self) -> Iterator[Any]:
+        iterator = super().__iter__()
+        error = None
+        try:
+            for item in iterator:
+                if isinstance(item, dict) and CORRUPT_SAMPLE in item:
+                    error = CorruptSampleError.from_record(item[CORRUPT_SAMPLE])
+                    break
+                if isinstance(item, dict) and SKIPPED_SAMPLE in item:
+                    self.skipped.append(item[SKIPPED_SAMPLE])
+                    log.warning(
+                        "skipped a corrupt sample (--skip-corrupt): %s", item[SKIPPED_SAMPLE]["message"]
+                    )
+                    continue
+                yield item
+        finally:
+            # the worker processes stop here, when iterating ends or is closed: not later, when a traceback
+            # that holds this frame is let go
+            del iterator
+        if error is not None:
+            raise error
+
+
+def open_prepared(root: str | Path, *, verify: VerifyLevel, skip_corrupt: bool) -> PreparedDataset:
+    """Open a shard folder; with ``skip_corrupt`` a shard that no longer matches the index is a warning (its
+    unreadable samples are skipped as they are met) instead of an error."""
+    try:
+        return PreparedDataset.open(root, verify=verify)
+    except CorruptSampleError as err:
+        if not skip_corrupt:
+            raise
+        log.warning("%s (--skip-corrupt: its unreadable samples will be skipped)", err)
+        return PreparedDataset.open(root, verify="none")
 
 
 def _worker_init(_: int) -> None:
@@ -190,7 +285,8 @@ def build_train_loader(
     micro_batches: int = 1,
     pin_memory: bool = False,
     verify: VerifyLevel = "size",
-) -> DataLoader:
+    skip_corrupt: bool = False,
+) -> ShardLoader:
     """A ``DataLoader`` over :class:`TrainStream` (infinite; iterate it once).
 
     Args:
@@ -206,9 +302,10 @@ def build_train_loader(
         micro_batches: batches per step (gradient accumulation); each item is then a list of batches.
         pin_memory: pin batches for faster host-to-GPU copies.
         verify: how the shard folder is checked when opened.
+        skip_corrupt: replace the samples that cannot be read (see :class:`TrainStream`).
     """
     rank, world_size = resolve_distributed(rank, world_size)
-    dataset = PreparedDataset.open(root, verify=verify)
+    dataset = open_prepared(root, verify=verify, skip_corrupt=skip_corrupt)
     stream = TrainStream(
         dataset.split(split),
         pipeline,
@@ -218,14 +315,14 @@ def build_train_loader(
         world_size=world_size,
         start_step=start_step,
         micro_batches=micro_batches,
+        skip_corrupt=skip_corrupt,
     )
-    return DataLoader(
+    return ShardLoader(
         stream,
         batch_size=None,
         num_workers=num_workers,
         pin_memory=pin_memory,
         worker_init_fn=_worker_init if num_workers > 0 else None,
-        persistent_workers=num_workers > 0,
     )
 
 
@@ -242,6 +339,7 @@ class EvalDataset(Dataset):
         rank: this process's rank.
         world_size: number of ranks.
         pipeline: test transform; when given, each item also holds its ``views``.
+        skip_corrupt: a sample that cannot be read becomes a record to leave out instead of an error.
     """
 
     def __init__(
@@ -251,8 +349,10 @@ class EvalDataset(Dataset):
         rank: int = 0,
         world_size: int = 1,
         pipeline: TestPipeline | None = None,
+        skip_corrupt: bool = False,
     ) -> None:
         self.split = split
+        self.skip_corrupt = skip_corrupt
         self.rank, self.world_size = resolve_distributed(rank, world_size)
         self.pipeline = pipeline
         self.positions = rank_positions(len(split), self.rank, self.world_size)
@@ -261,9 +361,13 @@ class EvalDataset(Dataset):
         return len(self.positions)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        """``key``, ``image`` ``(H, W, 3)`` uint8 BGR, ``label`` ``(H, W)`` uint8, ``meta``, maybe ``views``."""
-        record = self.split.record(self.positions[index])
-        image, label = record.decode()
+        """``key``, ``image`` ``(H, W, 3)`` uint8 BGR, ``label`` ``(H, W)`` uint8, ``meta``, maybe ``views``; for a
+        corrupt sample the record :class:`ShardLoader` raises (or, with ``skip_corrupt``, leaves out)."""
+        try:
+            record = self.split.record(self.positions[index])
+            image, label = record.decode()
+        except CorruptSampleError as err:
+            return {SKIPPED_SAMPLE if self.skip_corrupt else CORRUPT_SAMPLE: err.to_record()}
         item = {"key": record.key, "image": image, "label": label, "meta": record.meta}
         if self.pipeline is not None:
             item["views"] = self.pipeline.views(image)
@@ -283,16 +387,19 @@ def build_eval_loader(
     num_workers: int = 0,
     pipeline: TestPipeline | None = None,
     verify: VerifyLevel = "size",
-) -> DataLoader:
-    """A ``DataLoader`` yielding this rank's validation items one by one (numpy arrays, not batched)."""
+    skip_corrupt: bool = False,
+) -> ShardLoader:
+    """A ``DataLoader`` yielding this rank's validation items one by one (numpy arrays, not batched); corrupt
+    samples are errors, or with ``skip_corrupt`` left out and listed in its ``skipped``."""
     rank, world_size = resolve_distributed(rank, world_size)
     dataset = EvalDataset(
-        PreparedDataset.open(root, verify=verify).split(split),
+        open_prepared(root, verify=verify, skip_corrupt=skip_corrupt).split(split),
         rank=rank,
         world_size=world_size,
         pipeline=pipeline,
+        skip_corrupt=skip_corrupt,
     )
-    return DataLoader(
+    return ShardLoader(
         dataset,
         batch_size=None,
         shuffle=False,

@@ -16,16 +16,22 @@ them into RGB or luminance and destroy the class indices (``docs/reference.md`` 
 
 This is the only module of ``data`` that imports webdataset (used to write the shards, imported on first use
 because it imports torch; reading uses ``tarfile`` offsets for random access).
+
+Damage found while reading (a shard truncated or rewritten after preparation, a member cut short, an image
+that no longer decodes) is a :class:`CorruptSampleError` naming the shard file and the sample key; a shard
+that no longer matches ``index.json`` when it is first opened is one too, naming the first sample cut off.
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import itertools
 import json
 import logging
 import re
 import tarfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -35,7 +41,7 @@ import numpy as np
 
 from data.atomic import file_sha256
 from data.catalog import IGNORE_INDEX, LabelError, check_train_ids, get_dataset
-from data.readers import decode_image
+from data.readers import CorruptFileError, decode_image
 
 if TYPE_CHECKING:
     import webdataset
@@ -57,6 +63,34 @@ VerifyLevel = Literal["none", "size", "sha256"]
 
 class IncompleteDatasetError(RuntimeError):
     """A prepared-dataset folder is half-written or altered; it must be prepared again."""
+
+
+class CorruptSampleError(IncompleteDatasetError):
+    """A sample of a prepared shard cannot be read or decoded (the shard was damaged after preparation).
+
+    Attributes:
+        shard: the shard file.
+        key: the sample's key (None when the damage hides it: the shard's listing is cut short before it).
+        reason: what is wrong.
+    """
+
+    def __init__(self, shard: str | Path, key: str | None, reason: str) -> None:
+        self.shard = str(shard)
+        self.key = key
+        self.reason = reason
+        named = f"sample {key!r}" if key is not None else "a sample"
+        super().__init__(f"{shard}: {named} cannot be read: {reason}")
+
+    def to_record(self) -> dict[str, Any]:
+        """A plain, picklable record (what a loader worker hands to the main process)."""
+        return {"shard": self.shard, "key": self.key, "reason": self.reason, "message": str(self)}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> CorruptSampleError:
+        return cls(record["shard"], record.get("key"), record["reason"])
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (CorruptSampleError, (self.shard, self.key, self.reason))
 
 
 def encode_label_png(label: np.ndarray) -> bytes:
@@ -202,17 +236,17 @@ class SplitWriter:
         """
         check_key(key, source=f"{self.split} split")
         check_train_ids(label, self._num_classes, source=f"{self.split}/{key}")
-        if self._writer is None:
-            self._open_next()
-        assert self._writer is not None  # opened just above
-        self._writer.write(
-            {
-                "__key__": key,
-                image_ext.lower(): image_bytes,
-                LABEL_SUFFIX: encode_label_png(label),
-                META_SUFFIX: dumps_json(meta).encode(),
-            }
-        )
+        sample = {
+            "__key__": key,
+            image_ext.lower(): image_bytes,
+            LABEL_SUFFIX: encode_label_png(label),
+            META_SUFFIX: dumps_json(meta).encode(),
+        }
+        with self._naming_the_shard():
+            if self._writer is None:
+                self._open_next()
+            assert self._writer is not None  # opened just above
+            self._writer.write(sample)
         counts = np.bincount(label.ravel(), minlength=256)
         for class_id in np.flatnonzero(counts[: self._num_classes]).tolist():
             self.index.class_pixels[class_id] += int(counts[class_id])
@@ -220,12 +254,24 @@ class SplitWriter:
         self.index.num_samples += 1
         self._in_shard += 1
         if self._in_shard >= self.samples_per_shard:
-            self._close_current()
+            with self._naming_the_shard():
+                self._close_current()
 
     def close(self) -> SplitIndex:
         """Finish the last shard and return the split's index."""
-        self._close_current()
+        with self._naming_the_shard():
+            self._close_current()
         return self.index
+
+    @contextlib.contextmanager
+    def _naming_the_shard(self) -> Iterator[None]:
+        """An ``OSError`` of the tar writer (a full disk) names the shard being written."""
+        try:
+            yield
+        except OSError as err:
+            if err.filename is not None or self._path is None:
+                raise
+            raise OSError(err.errno, err.strerror, str(self._path)) from err
 
 
 @dataclass(frozen=True)
@@ -239,9 +285,21 @@ class ShardRecord:
     source: str
 
     def decode(self) -> tuple[np.ndarray, np.ndarray]:
-        """Decode to ``(image (H, W, 3) uint8 BGR, label (H, W) uint8 train ids)``."""
-        image = decode_image(self.image_bytes, source=f"{self.source}:{self.key}")
-        label = decode_label_png(self.label_bytes, source=f"{self.source}:{self.key}.{LABEL_SUFFIX}")
+        """Decode to ``(image (H, W, 3) uint8 BGR, label (H, W) uint8 train ids)``.
+
+        Raises:
+            CorruptSampleError: the image or the label map does not decode, naming the shard and the key.
+        """
+        try:
+            image = decode_image(self.image_bytes, source=f"{self.source}:{self.key}")
+            label = decode_label_png(self.label_bytes, source=f"{self.source}:{self.key}.{LABEL_SUFFIX}")
+        except (CorruptFileError, LabelError) as err:
+            reason = str(err)
+            for prefix in (f"{self.source}:{self.key}.{LABEL_SUFFIX}: ", f"{self.source}:{self.key}: "):
+                if reason.startswith(prefix):  # the shard and the key are named once, by the new error
+                    reason = ("label map: " if LABEL_SUFFIX in prefix else "image: ") + reason[len(prefix) :]
+                    break
+            raise CorruptSampleError(self.source, self.key, reason) from err
         return image, label
 
 
@@ -269,21 +327,47 @@ def check_key(key: str, *, source: str) -> None:
 
 
 class ShardFile:
-    """Random access to the samples of one shard through the member offsets of the tar file."""
+    """Random access to the samples of one shard through the member offsets of the tar file.
+
+    A listing cut short (a truncated file) keeps the samples before the cut; ``listing_error`` says why it
+    stopped (None: the whole file was listed).
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._members: dict[str, dict[str, tuple[int, int]]] = {}
         self._keys: list[str] = []
         self._handle = None
-        with tarfile.open(path, mode="r:") as tar:
-            for member in tar.getmembers():
-                key, _, suffix = member.name.partition(".")
-                check_key(key, source=str(path))
-                if key not in self._members:
-                    self._members[key] = {}
-                    self._keys.append(key)
-                self._members[key][suffix] = (member.offset_data, member.size)
+        self.listing_error: str | None = None
+        try:
+            with tarfile.open(path, mode="r:") as tar:
+                self._list(tar)
+        except (tarfile.TarError, OSError) as err:
+            raise CorruptSampleError(path, None, f"not a readable tar file ({err})") from err
+        self.size = path.stat().st_size
+        # the members whose bytes lie past the end of the file: cut off by a truncation
+        self.cut_off = [
+            key
+            for key in self._keys
+            if any(offset + size > self.size for offset, size in self._members[key].values())
+        ]
+
+    def _list(self, tar: tarfile.TarFile) -> None:
+        """Index the members, stopping where the listing breaks off (``listing_error``)."""
+        while True:
+            try:
+                member = tar.next()
+            except (tarfile.TarError, OSError, EOFError) as err:
+                self.listing_error = str(err) or type(err).__name__
+                return
+            if member is None:
+                return
+            key, _, suffix = member.name.partition(".")
+            check_key(key, source=str(self.path))
+            if key not in self._members:
+                self._members[key] = {}
+                self._keys.append(key)
+            self._members[key][suffix] = (member.offset_data, member.size)
 
     @property
     def keys(self) -> list[str]:
@@ -291,24 +375,41 @@ class ShardFile:
         return self._keys
 
     def read(self, key: str) -> ShardRecord:
-        """Read one sample; ``IncompleteDatasetError`` when a member is missing."""
-        if self._handle is None:
-            self._handle = self.path.open("rb")
-        members = self._members[key]
-        contents: dict[str, bytes] = {}
-        for suffix, (offset, size) in members.items():
-            self._handle.seek(offset)
-            contents[suffix] = self._handle.read(size)
+        """Read one sample.
+
+        Raises:
+            CorruptSampleError: a member is missing, cut short (the file was truncated after it was listed)
+                or its metadata is not JSON; naming the shard and ``key``.
+        """
+        try:
+            if self._handle is None:
+                self._handle = self.path.open("rb")
+            members = self._members[key]
+            contents: dict[str, bytes] = {}
+            for suffix, (offset, size) in members.items():
+                self._handle.seek(offset)
+                contents[suffix] = self._handle.read(size)
+                if len(contents[suffix]) != size:
+                    raise CorruptSampleError(
+                        self.path,
+                        key,
+                        f"member {key}.{suffix} is cut short ({len(contents[suffix])} of {size} bytes: the "
+                        "shard was truncated after preparation)",
+                    )
+        except OSError as err:  # the file went away or the disk failed under the run
+            raise CorruptSampleError(self.path, key, f"the shard cannot be read ({err})") from err
         image_suffixes = [s for s in contents if s not in (LABEL_SUFFIX, META_SUFFIX)]
         if len(image_suffixes) != 1 or LABEL_SUFFIX not in contents or META_SUFFIX not in contents:
-            raise IncompleteDatasetError(
-                f"{self.path}: sample {key!r} lacks members (has {sorted(contents)})"
-            )
+            raise CorruptSampleError(self.path, key, f"it lacks members (has {sorted(contents)})")
+        try:
+            meta = json.loads(contents[META_SUFFIX])
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CorruptSampleError(self.path, key, f"its {META_SUFFIX} member is not JSON ({err})") from err
         return ShardRecord(
             key=key,
             image_bytes=contents[image_suffixes[0]],
             label_bytes=contents[LABEL_SUFFIX],
-            meta=json.loads(contents[META_SUFFIX]),
+            meta=meta,
             source=str(self.path),
         )
 
@@ -329,6 +430,7 @@ class PreparedSplit:
         self.index = index
         self._starts = list(itertools.accumulate((s.num_samples for s in index.shards), initial=0))
         self._files: list[ShardFile | None] = [None] * len(index.shards)
+        self._broken: dict[int, CorruptSampleError] = {}
 
     def __len__(self) -> int:
         return self.index.num_samples
@@ -336,9 +438,20 @@ class PreparedSplit:
     def _file(self, number: int) -> ShardFile:
         shard = self._files[number]
         if shard is None:
+            if number in self._broken:  # a shard that cannot be listed fails at once for every sample
+                raise self._broken[number]
             info = self.index.shards[number]
-            shard = ShardFile(self.root / info.name)
-            if len(shard.keys) != info.num_samples:
+            try:
+                shard = ShardFile(self.root / info.name)
+            except CorruptSampleError as err:
+                self._broken[number] = err
+                raise
+            # fewer samples: a truncated file, whose missing samples fail when read (record); more: another file
+            if len(shard.keys) > info.num_samples or (
+                len(shard.keys) < info.num_samples
+                and shard.listing_error is None
+                and shard.size == info.num_bytes
+            ):
                 raise IncompleteDatasetError(
                     f"{shard.path}: {len(shard.keys)} samples, {INDEX_FILE} says {info.num_samples}; prepare again"
                 )
@@ -350,12 +463,27 @@ class PreparedSplit:
         return [key for number in range(len(self._files)) for key in self._file(number).keys]
 
     def record(self, position: int) -> ShardRecord:
-        """The sample at ``position``."""
+        """The sample at ``position``.
+
+        Raises:
+            CorruptSampleError: the sample cannot be read, naming its shard and key (or, when a truncation
+                cut the shard's listing before it, its number in the shard and the last key before the cut).
+        """
         if not 0 <= position < len(self):
             raise IndexError(f"position {position} outside split {self.split} of {len(self)} samples")
         number = bisect.bisect_right(self._starts, position) - 1
         shard = self._file(number)
-        return shard.read(shard.keys[position - self._starts[number]])
+        offset = position - self._starts[number]
+        if offset >= len(shard.keys):
+            info = self.index.shards[number]
+            after = f" (the last readable one is {shard.keys[-1]!r})" if shard.keys else ""
+            raise CorruptSampleError(
+                shard.path,
+                None,
+                f"sample {offset + 1} of {info.num_samples} is missing from the shard{after}: it was truncated "
+                f"after preparation ({shard.size} of {info.num_bytes} bytes)",
+            )
+        return shard.read(shard.keys[offset])
 
 
 class PreparedDataset:
@@ -407,12 +535,27 @@ def _verify_shard(path: Path, shard: ShardInfo, *, checksum: bool) -> None:
     if not path.is_file():
         raise IncompleteDatasetError(f"{path}: shard listed in {INDEX_FILE} is missing; prepare again")
     size = path.stat().st_size
+    if size < shard.num_bytes:
+        raise CorruptSampleError(
+            path,
+            _first_cut_off(path),
+            f"the shard is truncated ({size} of {shard.num_bytes} bytes, as {INDEX_FILE} records); prepare again",
+        )
     if size != shard.num_bytes:
         raise IncompleteDatasetError(
             f"{path}: {size} bytes, {INDEX_FILE} says {shard.num_bytes}; prepare again"
         )
     if checksum and file_sha256(path) != shard.sha256:
         raise IncompleteDatasetError(f"{path}: sha256 differs from {INDEX_FILE}; prepare again")
+
+
+def _first_cut_off(path: Path) -> str | None:
+    """The key of the first sample a truncation cut off (None: the cut is in the listing before any key)."""
+    try:
+        shard = ShardFile(path)
+    except CorruptSampleError:
+        return None
+    return shard.cut_off[0] if shard.cut_off else None
 
 
 def validate_prepared(root: str | Path, *, decode_images: bool = False) -> DatasetIndex:

@@ -74,6 +74,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         tf32=args.tf32,
         training_diff=recorded_training_diff(args.checkpoint),
         on_prediction=show,
+        skip_corrupt=args.skip_corrupt,
     )
     if show is not None:
         log.info("wrote %d comparison images to %s", len(show.written), args.show_dir)
@@ -244,6 +245,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "AugReg-T/B, fp32 otherwise; or force fp32/bf16/fp16",
     )
     evaluate.add_argument("--limit", type=int, help="only the first N validation images")
+    evaluate.add_argument(
+        "--skip-corrupt",
+        action="store_true",
+        help="leave out shard samples that cannot be read or decoded (counted as skipped_samples and listed in "
+        "the metrics record) instead of stopping with an error naming the shard and the key",
+    )
     evaluate.add_argument(
         "--show-dir",
         metavar="DIR",

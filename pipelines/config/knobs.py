@@ -21,6 +21,7 @@ from typing import Any, Literal
 from pipelines.config.strict import ParamsError, build
 
 Precision = Literal["fp32", "bf16", "fp16"]
+NonFiniteSteps = Literal["stop", "skip"]
 
 
 def knob(default: Any, help: str, *, minimum: int | None = None, weights: bool = False) -> Any:
@@ -72,6 +73,29 @@ class TrainParams:
     )
     eval_limit: int | None = knob(
         None, "evaluate during training on the first N validation images only", minimum=1
+    )
+    # what the next four do acts only on a step or a sample that went wrong (recorded when it happens: the
+    # log, skipped_samples.jsonl, the recipe diff), so none of them makes a finished run stale
+    nonfinite_steps: NonFiniteSteps = knob(
+        "stop",
+        "a step whose loss or gradient norm is not finite (fp32/bf16): stop the run naming it, or skip it "
+        "(no update; counted and recorded in the recipe diff). fp16 always skips (the loss scaler)",
+    )
+    max_consecutive_skips: int = knob(
+        300,
+        "skipped steps in a row (non-finite, or fp16 overflow) after which the run stops as diverged",
+        minimum=1,
+    )
+    skip_corrupt: bool = knob(
+        False,
+        "a training or validation sample that cannot be read or decoded: skip it (a training sample is "
+        "replaced by the next readable one; counted, listed in skipped_samples.jsonl) instead of stopping",
+    )
+    debug_nan_at: int | None = knob(
+        None,
+        "debugging: make the training images of this iteration NaN, to see what a diverging step does "
+        "(never for a real run)",
+        minimum=1,
     )
 
 

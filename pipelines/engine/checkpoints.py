@@ -5,6 +5,10 @@ Every checkpoint is written to a temporary file in the run folder and renamed in
 run killed at any moment resumes from the last complete checkpoint. The model weights are stored
 under ``state_dict`` in the official layout, so any checkpoint here is also accepted wherever an
 official checkpoint is.
+
+A checkpoint that cannot be written (a full disk) is a :class:`data.atomic.WriteError` naming the file, the
+bytes it needs (the tensors' storage, :func:`checkpoint_bytes`) and the space free; the previous checkpoints
+and ``latest.json`` are left as they were.
 """
 
 from __future__ import annotations
@@ -17,16 +21,45 @@ from typing import Any
 
 import torch
 
-from data.atomic import atomic_write, write_json_atomic
+from data.atomic import TMP_SUFFIX, WriteError, atomic_write, write_json_atomic
 from models.checkpoint import CheckpointError, load_checkpoint_file
 from pipelines.runs.folder import BEST, BEST_INFO, LATEST, RunFolder
 
 log = logging.getLogger(__name__)
 
 
+# torch.save's zip container: a header and 64-byte alignment per record, the pickle, the central directory
+CONTAINER_BYTES_PER_RECORD = 256
+
+
+def checkpoint_bytes(obj: Any) -> int:
+    """About the size ``torch.save(obj)`` writes: every tensor storage once, plus the container's records."""
+    seen: dict[int, int] = {}
+
+    def visit(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            storage = value.untyped_storage()
+            seen[storage.data_ptr() or id(storage)] = storage.nbytes()
+        elif isinstance(value, Mapping):
+            for item in value.values():
+                visit(item)
+        elif isinstance(value, list | tuple):
+            for item in value:
+                visit(item)
+
+    visit(obj)
+    return sum(seen.values()) + CONTAINER_BYTES_PER_RECORD * (len(seen) + 1)
+
+
 def save_checkpoint_file(obj: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Write ``obj`` with ``torch.save`` atomically (:func:`data.atomic.atomic_write`)."""
-    return atomic_write(path, lambda handle: torch.save(dict(obj), handle))
+    """Write ``obj`` with ``torch.save`` atomically (:func:`data.atomic.atomic_write`).
+
+    Raises:
+        data.atomic.WriteError: the disk is full (or another I/O error), naming ``path``, the bytes needed and
+            the space free; nothing was replaced.
+    """
+    state = dict(obj)
+    return atomic_write(path, lambda handle: torch.save(state, handle), size_hint=checkpoint_bytes(state))
 
 
 class CheckpointManager:
@@ -45,9 +78,21 @@ class CheckpointManager:
         self.keep = keep
 
     def save(self, state: dict[str, Any], iteration: int) -> Path:
-        """Write the checkpoint of ``iteration`` (completed iterations), update ``latest.json``, prune."""
-        path = save_checkpoint_file(state, self.work_dir / f"iter_{iteration:07d}.pth")
-        write_json_atomic(self.work_dir / LATEST, {"iteration": iteration, "file": path.name})
+        """Write the checkpoint of ``iteration`` (completed iterations), update ``latest.json``, prune.
+
+        Raises:
+            data.atomic.WriteError: the checkpoint or ``latest.json`` could not be written; the folder holds
+                what it held before (a checkpoint ``latest.json`` could not name is removed again).
+        """
+        path = self.work_dir / f"iter_{iteration:07d}.pth"
+        existed = path.is_file()
+        save_checkpoint_file(state, path)
+        try:
+            write_json_atomic(self.work_dir / LATEST, {"iteration": iteration, "file": path.name})
+        except WriteError:
+            if not existed:  # the pointer still names the previous checkpoint: keep the two in step
+                path.unlink(missing_ok=True)
+            raise
         for _, old in self.folder.iteration_checkpoints()[: -self.keep]:
             old.unlink(missing_ok=True)
         return path
@@ -74,11 +119,27 @@ class CheckpointManager:
         return None
 
     def save_best(self, state: dict[str, Any], iteration: int, metric: str, value: float) -> Path:
-        """Replace the best checkpoint and record which iteration and score it holds."""
-        path = save_checkpoint_file(state, self.work_dir / BEST)
-        write_json_atomic(
-            self.work_dir / BEST_INFO, {"iteration": iteration, "metric": metric, "value": value}
-        )
+        """Replace the best checkpoint and record which iteration and score it holds.
+
+        The new checkpoint is written under a temporary name first, then ``best.json``, then the checkpoint is
+        renamed into place: a write that fails leaves the previous pair (file and score) as it was.
+
+        Raises:
+            data.atomic.WriteError: the checkpoint or ``best.json`` could not be written.
+        """
+        path = self.work_dir / BEST
+        try:
+            pending = save_checkpoint_file(state, self.work_dir / f".{BEST}.pending{TMP_SUFFIX}")
+        except WriteError as err:
+            raise err.naming(path) from err
+        try:
+            write_json_atomic(
+                self.work_dir / BEST_INFO, {"iteration": iteration, "metric": metric, "value": value}
+            )
+        except WriteError:
+            pending.unlink(missing_ok=True)
+            raise
+        os.replace(pending, path)
         return path
 
     def best_score(self) -> float | None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from models.config import OptimizerRecipe, ScheduleRecipe, SegmentorConfig
-from pipelines.config.knobs import Precision, TrainParams
+from pipelines.config.knobs import NonFiniteSteps, Precision, TrainParams
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,8 @@ class TrainPlan:
         schedule: the poly schedule, with this run's ``max_iters`` and intervals.
         batch: the batch plan.
         precision, seed, deterministic, keep_checkpoints: the run's knobs.
+        nonfinite_steps, max_consecutive_skips, debug_nan_at: what a non-finite step does
+            (:mod:`pipelines.engine.step_guard`).
         tf32: TF32 products on CUDA (the reference's; :mod:`pipelines.engine.precision`).
         sync_bn: BatchNorm as SyncBatchNorm in multi-GPU runs (the reference's).
         progress: a progress bar on rank 0.
@@ -90,6 +92,9 @@ class TrainPlan:
     seed: int = 0
     deterministic: bool = False
     keep_checkpoints: int = 1
+    nonfinite_steps: NonFiniteSteps = "stop"
+    max_consecutive_skips: int = 300
+    debug_nan_at: int | None = None
     sync_bn: bool = True
     progress: bool = True
 
@@ -184,5 +189,8 @@ def resolve_plan(
         seed=knobs.seed,
         deterministic=knobs.deterministic,
         keep_checkpoints=knobs.keep_checkpoints,
+        nonfinite_steps=knobs.nonfinite_steps,
+        max_consecutive_skips=knobs.max_consecutive_skips,
+        debug_nan_at=knobs.debug_nan_at,
         progress=progress,
     )

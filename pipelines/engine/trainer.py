@@ -18,6 +18,11 @@
   latest, including optimizer, scaler, RNG states and the data-stream position (the stream is a
   pure function of the micro-step, so resuming is exact).
 * Evaluation every N iterations through a callback, keeping the best-mIoU checkpoint.
+* A step whose loss or gradient norm is not finite stops the run before the update, or is dropped and
+  counted (``plan.nonfinite_steps``; fp16: the loss scaler drops it); a full disk and a corrupt sample stop it
+  too, each with one line naming the iteration, the cause and the last good checkpoint
+  (:mod:`pipelines.engine.step_guard`). Corrupt samples skipped by the data stream are listed in
+  ``skipped_samples.jsonl``.
 """
 
 from __future__ import annotations
@@ -25,8 +30,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import random
-import resource
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -40,14 +45,17 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from data.atomic import write_text_atomic
+from data.atomic import WriteError, append_line, write_text_atomic
+from data.shards import IncompleteDatasetError
 from pipelines.engine.checkpoints import CheckpointManager
 from pipelines.engine.distributed import DistInfo, reduce_mean
 from pipelines.engine.optim import build_optimizer
 from pipelines.engine.plan import TrainPlan
 from pipelines.engine.precision import apply_tf32
+from pipelines.engine.progress import PROGRESS_KEYS, peak_memory_mb, progress_line
 from pipelines.engine.schedule import apply_lr
-from pipelines.runs.folder import EVAL_LOG, TRAIN_LOG, RunFolder
+from pipelines.engine.step_guard import StepGuard, StepHealth
+from pipelines.runs.folder import EVAL_LOG, SKIPPED_SAMPLES, TRAIN_LOG, RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -129,32 +137,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-# the headline of a progress line; the per-term losses go to the JSON log and MLflow (and -v)
-PROGRESS_KEYS = ("loss", "lr", "time_per_iter", "images_per_s", "peak_memory_mb")
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
-
-
-def progress_line(done: int, total: int, start: int, run_start: float, values: dict[str, float]) -> str:
-    """``iter 120/400 (30%) | loss 1.234 | lr 2.00e-04 | eta 3m12s | 12.3 img/s | mem 812 MB``.
-
-    The ETA extrapolates the time per iteration of this process's run (since ``run_start`` at iteration
-    ``start``) over the iterations left.
-    """
-    elapsed = time.perf_counter() - run_start
-    per_iter = elapsed / max(done - start, 1)
-    return (
-        f"iter {done}/{total} ({100 * done // max(total, 1)}%) | loss {values.get('loss', float('nan')):.4f} | "
-        f"lr {values.get('lr', float('nan')):.2e} | eta {_duration(per_iter * (total - done))} | "
-        f"{values.get('images_per_s', 0.0):.1f} img/s | mem {values.get('peak_memory_mb', 0.0):.0f} MB"
-    )
-
-
 def micro_batch_seed(seed: int, iteration: int, virtual_rank: int) -> int:
     """Seed of the random ops (dropout, drop path) of one micro-batch.
 
@@ -165,12 +147,6 @@ def micro_batch_seed(seed: int, iteration: int, virtual_rank: int) -> int:
     return int(
         np.random.SeedSequence([seed, iteration, virtual_rank]).generate_state(1, dtype=np.uint64)[0] >> 1
     )
-
-
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
 class Trainer:
@@ -187,6 +163,8 @@ class Trainer:
         evaluate: ``(model) -> metrics`` with at least ``mIoU``, run on every process (it all-reduces).
         callbacks: reporting hooks (called on rank 0).
         extra_state: JSON-able facts stored in every checkpoint (config name, overrides, ...).
+        state_extras: ``(health) -> facts`` stored in every checkpoint after ``extra_state``, for facts that
+            follow the counts of skipped steps and samples (the recipe diff).
     """
 
     def __init__(
@@ -199,6 +177,7 @@ class Trainer:
         evaluate: Callable[[nn.Module], dict[str, Any]] | None = None,
         callbacks: list[Callback] | None = None,
         extra_state: dict[str, Any] | None = None,
+        state_extras: Callable[[StepHealth], dict[str, Any]] | None = None,
     ) -> None:
         self.plan = plan
         self.dist = dist_info
@@ -206,6 +185,7 @@ class Trainer:
         self.evaluate_fn = evaluate
         self.callbacks = callbacks or []
         self.extra_state = extra_state or {}
+        self.state_extras = state_extras
         schedule = plan.schedule
         self.max_iters = schedule.max_iters
         self.eval_interval = schedule.eval_interval
@@ -227,6 +207,15 @@ class Trainer:
             device_ids = [dist_info.device.index] if dist_info.device.type == "cuda" else None
             loss_module = DistributedDataParallel(loss_module, device_ids=device_ids)
         self.loss_module = loss_module
+        self.guard = StepGuard(
+            plan,
+            dist_info,
+            self.model,
+            self.optimizer,
+            self.scaler,
+            latest_checkpoint=self.checkpoints.latest,
+            append_record=self._append_log,
+        )
         self._stop_requested = False
         self._stop_signal = int(signal.SIGTERM)
 
@@ -243,7 +232,9 @@ class Trainer:
             "data": {"step": iteration, "micro_batches": self.accumulation, "seed": self.plan.seed},
             "best_miou": best,
             "plan": json.loads(json.dumps(asdict(self.plan), default=str)),
+            "health": self.guard.health.to_state(),
             **self.extra_state,
+            **(self.state_extras(self.guard.health) if self.state_extras is not None else {}),
         }
 
     def _resume(self) -> tuple[int, float | None]:
@@ -259,6 +250,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"])
+        self.guard.health = StepHealth.from_state(state.get("health"))
         self._record_plan_changes(state.get("plan") or {}, int(state["iteration"]))
         # the checkpoint of iteration N is written before the evaluation at N: best.json, written with the
         # best checkpoint, knows the best score, the checkpoint's own record may be stale
@@ -289,8 +281,9 @@ class Trainer:
             iteration,
             "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()),
         )
-        with (self.plan.work_dir / RESUME_CHANGES).open("a") as handle:
-            handle.write(json.dumps({"iteration": iteration, "changes": changes}) + "\n")
+        append_line(
+            self.plan.work_dir / RESUME_CHANGES, json.dumps({"iteration": iteration, "changes": changes})
+        )
 
     # -- signals -----------------------------------------------------------------------------
     def _on_stop_signal(self, signum: int, frame: Any) -> None:
@@ -311,6 +304,12 @@ class Trainer:
         return torch.autocast(self.dist.device.type, dtype=dtype)
 
     def _step(self, iteration: int, steps: Iterator[Any]) -> dict[str, float]:
+        """Step ``iteration`` (0-based): the loss terms averaged over its micro-batches.
+
+        Raises:
+            TrainingFailedError: a non-finite step with ``nonfinite_steps: stop``, or more dropped steps in a
+                row than ``max_consecutive_skips``.
+        """
         terms: dict[str, float] = {}
         bundle = next(steps)
         micro_batches = [bundle] if isinstance(bundle, dict) else list(bundle)
@@ -318,6 +317,11 @@ class Trainer:
             raise RuntimeError(
                 f"the data stream gave {len(micro_batches)} micro-batches, expected {self.accumulation}"
             )
+        skipped = [record for batch in micro_batches for record in batch.get("skipped", ())]
+        if self.plan.debug_nan_at == iteration + 1:
+            log.warning("iteration %d: debug_nan_at: the training images of this step are NaN", iteration + 1)
+            micro_batches = [{**b, "image": torch.full_like(b["image"], float("nan"))} for b in micro_batches]
+        snapshot = self.guard.snapshot()
         loss_kwargs = self._step_normaliser(micro_batches)
         for k, batch in enumerate(micro_batches):
             torch.manual_seed(
@@ -333,12 +337,9 @@ class Trainer:
                 self.scaler.scale(losses["loss"] / self.accumulation).backward()
             for key, value in losses.items():
                 terms[key] = terms.get(key, 0.0) + float(value.detach()) / self.accumulation
-        if self.plan.optimizer.grad_clip is not None:  # mmcv's OptimizerHook grad_clip: the global L2 norm
-            self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=self.plan.optimizer.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        applied = self.guard.update(iteration + 1, terms, skipped)
         self.optimizer.zero_grad(set_to_none=True)
+        self.guard.after(iteration + 1, applied, terms, snapshot)
         return terms
 
     def _step_normaliser(self, micro_batches: list[dict[str, Any]]) -> dict[str, Any]:
@@ -360,6 +361,7 @@ class Trainer:
         return {"num_masks": (total / (self.dist.world_size * self.accumulation)).float()}
 
     def _save(self, iteration: int, best: float | None) -> Path | None:
+        self.guard.check_weights(iteration, "writing a checkpoint of")
         path = None
         if self.dist.is_main:
             path = self.checkpoints.save(self.state_dict(iteration, best), iteration)
@@ -394,11 +396,12 @@ class Trainer:
         last_path: Path | None = None
         window_start, window_iters = time.perf_counter(), 0
         run_start = window_start
+        done = start
         try:
             for iteration in range(start, self.max_iters):
+                done = iteration + 1
                 lr = apply_lr(self.optimizer, iteration, self.plan.schedule, self.max_iters)
                 terms = self._step(iteration, batches)
-                done = iteration + 1
                 window_iters += 1
                 bar.update(1)
                 if done % self.log_interval == 0 or done == self.max_iters:
@@ -409,7 +412,8 @@ class Trainer:
                             "lr": lr,
                             "time_per_iter": elapsed / window_iters,
                             "images_per_s": window_iters * self.effective_batch / max(elapsed, 1e-9),
-                            "peak_memory_mb": _peak_memory_mb(self.dist.device),
+                            "peak_memory_mb": peak_memory_mb(self.dist.device),
+                            **self.guard.health.log_values(),
                         }
                     )
                     history.append({"iteration": done, **values})
@@ -439,8 +443,21 @@ class Trainer:
                         "rerun the same command to resume",
                         self._stop_signal,
                     )
+        except WriteError as err:  # a full disk: the checkpoints written before it are intact
+            raise self.guard.fail(done, "disk", f"{err}; training stopped") from err
+        except IncompleteDatasetError as err:  # a shard truncated or a sample corrupt since preparation
+            raise self.guard.fail(
+                done,
+                "data",
+                f"{err}; training stopped",
+                "rebuild the shards (vitadapter data prepare) and rerun to resume, or pass --skip-corrupt to "
+                "skip such samples",
+            ) from err
         finally:
             bar.close()
+            close = getattr(batches, "close", None)
+            if close is not None:  # the loader's worker processes stop with the run, also a failed one
+                close()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         return TrainResult(
@@ -448,23 +465,28 @@ class Trainer:
         )
 
     def _append_log(self, record: dict[str, Any]) -> None:
-        with (self.plan.work_dir / TRAIN_LOG).open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        # a non-finite number (the loss of a skipped step) as null: every JSON reader takes the log
+        values = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+        append_line(self.plan.work_dir / TRAIN_LOG, json.dumps(values))
 
     def _truncate_log(self, iteration: int) -> None:
-        """Drop log lines written after the checkpoint a resumed run starts from (and a line torn by a kill)."""
-        path = self.plan.work_dir / TRAIN_LOG
-        if not path.is_file():
-            return
-        kept = [
-            record for record in RunFolder(self.plan.work_dir).read_log() if record["iteration"] <= iteration
-        ]
-        write_text_atomic(path, "".join(json.dumps(record) + "\n" for record in kept))
+        """Drop log lines written after the checkpoint a resumed run starts from (and a line torn by a kill),
+        in the training log and the list of skipped samples (the resumed run reads those samples again)."""
+        folder = RunFolder(self.plan.work_dir)
+        for path, records in (
+            (folder.train_log, folder.read_log),
+            (self.plan.work_dir / SKIPPED_SAMPLES, lambda: folder.read_records(SKIPPED_SAMPLES)),
+        ):
+            if not path.is_file():
+                continue
+            kept = [record for record in records() if record["iteration"] <= iteration]
+            write_text_atomic(path, "".join(json.dumps(record) + "\n" for record in kept))
 
     def _best_path(self) -> Path | None:
         return self.checkpoints.folder.best_checkpoint()
 
     def _evaluate(self, iteration: int, best: float | None) -> float | None:
+        self.guard.check_weights(iteration, "evaluating")
         self.model.eval()
         with torch.no_grad():
             metrics = self.evaluate_fn(self.model)
@@ -475,9 +497,8 @@ class Trainer:
             )
             for callback in self.callbacks:
                 callback.on_eval(iteration, metrics)
-            with (self.plan.work_dir / EVAL_LOG).open("a") as handle:
-                summary = {k: metrics[k] for k in ("mIoU", "aAcc", "mAcc") if k in metrics}
-                handle.write(json.dumps({"iteration": iteration, **summary}) + "\n")
+            summary = {k: metrics[k] for k in ("mIoU", "aAcc", "mAcc", "skipped_samples") if k in metrics}
+            append_line(self.plan.work_dir / EVAL_LOG, json.dumps({"iteration": iteration, **summary}))
         if best is None or miou > best:
             best = miou
             if self.dist.is_main:

@@ -21,6 +21,7 @@ import cuda_ops
 from data.atomic import file_sha256
 from pipelines.config.params import DEFAULT_PATHS, RunParams, Tracking
 from pipelines.reporting.mlflow_views import DatasetInput, dataset_input
+from pipelines.reporting.records import MAX_TAG_VALUE, TAG_FAILURE, clip
 from pipelines.runs.evaluation import backends_label
 from pipelines.runs.folder import CONFIG_FILE, TRAIN_LOG
 from pipelines.runs.recipe_diff import folder_training_diff
@@ -84,7 +85,9 @@ def train_tracked(
     """Train ``spec`` recording it on ``tracker`` (a :class:`pipelines.reporting.tracking.Tracker`, or None
     for no tracking); returns the result and the deformable-attention backends that ran.
 
-    The MLflow run is ended FAILED (KILLED on an interrupt) when training raises, so that a rerun resumes it.
+    The MLflow run is ended FAILED (KILLED on an interrupt) when training raises, so that a rerun resumes it;
+    a failed run gets the one-line reason as tag ``vitadapter.failure`` and its run folder's files (the
+    training log ends with the same reason).
     """
     from pipelines.reporting.records import TrainingCallback
     from pipelines.runs.training import run_training
@@ -103,8 +106,11 @@ def train_tracked(
     before = cuda_ops.backend_usage()
     try:
         result = run_training(spec, callbacks=callbacks)
-    except BaseException:
+    except BaseException as err:
         if tracker is not None:
+            if isinstance(err, Exception):
+                tracker.set_tags({TAG_FAILURE: clip(f"{type(err).__name__}: {err}", MAX_TAG_VALUE)})
+                tracker.log_run_files(spec.work_dir)
             tracker.end_run("FAILED")
         raise
     backend = backends_label(cuda_ops.usage_since(before))

@@ -47,17 +47,21 @@ TAG_MODE = "vitadapter.eval_mode"
 # "no published row" on the runs of a user's dataset card (pipelines.config.datasets.NO_PUBLISHED_ROW)
 TAG_PUBLISHED = "vitadapter.published"
 TAG_LAST_CHECKPOINT = "vitadapter.last_checkpoint"
+# on a training run that ended FAILED: the one-line reason (removed when a rerun resumes the run)
+TAG_FAILURE = "vitadapter.failure"
 TAG_BEST_CHECKPOINT = "vitadapter.best_checkpoint"
 PARENT_TAG = "mlflow.parentRunId"  # what makes MLflow (and its UI) nest a run under another
 KIND_TRAIN, KIND_EVAL, KIND_CHAIN = "train", "evaluation", "chain"
 KIND_REPORT, KIND_REFERENCE = "report", "reference"
 FALLBACK_DB = "mlflow-fallback.db"
 FALLBACK_ARTIFACTS = "mlflow-fallback-artifacts"
-TRAIN_FILES = ("config.json", "key_report.json", "train_log.jsonl")
+TRAIN_FILES = ("config.json", "key_report.json", "train_log.jsonl", "skipped_samples.jsonl")
 CURVE_ARTIFACT = "training_curve.png"
 RECIPE_DIFF_ARTIFACT = "recipe_diff.json"  # pipelines.runs.recipe_diff, on training and evaluation runs
 TAG_COMPARABLE = "comparable_to_published"  # "true" when the run's recipe diff has no deviation
 HEADLINE_KEYS = frozenset({"loss", "lr"})
+# counts of the training log (pipelines.engine.step_guard.StepHealth), logged as train/<key>
+COUNT_KEYS = frozenset({"skipped_steps", "skipped_samples"})
 LOSS_DECIMALS = 4
 PERF_KEYS = frozenset({"time_per_iter", "images_per_s", "peak_memory_mb"})
 VAL_KEYS = ("mIoU", "aAcc", "mAcc")
@@ -101,7 +105,7 @@ def finite(values: Mapping[str, Any]) -> dict[str, float]:
 def evaluation_metrics(mode: str, metrics: Mapping[str, Any]) -> dict[str, float]:
     """The metrics of an evaluation run: plain names and ``<mode>_`` names (as on the training run)."""
     names = {"published_miou": "published_mIoU", "delta_miou": "delta_mIoU"}
-    keys = ("mIoU", "aAcc", "mAcc", "num_images", "published_miou", "delta_miou")
+    keys = ("mIoU", "aAcc", "mAcc", "num_images", "published_miou", "delta_miou", "skipped_samples")
     # percentages rounded as the published tables print them (the metric files keep every digit)
     plain = finite({names.get(key, key): percent(metrics.get(key)) for key in keys})
     prefixed = {
@@ -214,7 +218,7 @@ class TrainingCallback:
             key
             if key in PERF_KEYS
             else f"train/{key}"
-            if key in HEADLINE_KEYS
+            if key in HEADLINE_KEYS | COUNT_KEYS
             else f"weighted_loss_terms/{key}": value
             if key in PERF_KEYS or key == "lr" or not isinstance(value, float)
             else round(value, LOSS_DECIMALS)  # losses as mmseg logs them (4 decimals): a readable runs table
@@ -223,10 +227,10 @@ class TrainingCallback:
         self.tracker.log_metrics(named, step=iteration)
 
     def on_eval(self, iteration: int, metrics: dict[str, Any]) -> None:
-        """``val/mIoU``, ``val/aAcc``, ``val/mAcc`` at step ``iteration``."""
-        self.tracker.log_metrics(
-            {f"val/{key}": percent(metrics.get(key)) for key in VAL_KEYS}, step=iteration
-        )
+        """``val/mIoU``, ``val/aAcc``, ``val/mAcc`` (and ``val/skipped_samples`` with ``skip_corrupt``) at step
+        ``iteration``."""
+        keys = (*VAL_KEYS, "skipped_samples") if "skipped_samples" in metrics else VAL_KEYS
+        self.tracker.log_metrics({f"val/{key}": percent(metrics.get(key)) for key in keys}, step=iteration)
 
     def on_checkpoint(self, iteration: int, path: Path, best: bool) -> None:
         """Tag the last (or best) checkpoint's path and iteration."""

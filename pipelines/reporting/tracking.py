@@ -51,6 +51,7 @@ from pipelines.reporting.records import (
     ROW_TAG_KEYS,
     TAG_CHAIN,
     TAG_FAILED_OVER_FROM,
+    TAG_FAILURE,
     TAG_KIND,
     TAG_MODE,
     TAG_PUBLISHED,
@@ -253,6 +254,11 @@ class Tracker:
         if resumed:
             run_id = latest[0].info.run_id
             store.client.update_run(run_id, status="RUNNING")
+            if TAG_FAILURE in latest[0].data.tags:  # the rerun resumes the failed run: the reason is history
+                log.info(
+                    "MLflow run %s failed before (%s); resuming it", run_id, latest[0].data.tags[TAG_FAILURE]
+                )
+                store.client.delete_tag(run_id, TAG_FAILURE)
             logged = latest[0].data.params
             log.info("resuming MLflow run %s of %s on %s", run_id, spec.run_name, store.uri)
         else:

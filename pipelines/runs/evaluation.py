@@ -62,6 +62,7 @@ class EvaluationResult:
         tf32: the TF32 setting (in effect on CUDA only).
         recipe_diff: the evaluation's :class:`pipelines.runs.recipe_diff.RecipeDiff` as a dict.
         published_row: whether the entry's published row applies (False on a user's dataset card).
+        skipped: the corrupt samples left out (``skip_corrupt``; this process's), each shard, key and reason.
     """
 
     config: str
@@ -77,6 +78,7 @@ class EvaluationResult:
     tf32: bool = True
     recipe_diff: dict[str, Any] | None = None
     published_row: bool = True
+    skipped: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def delta_miou(self) -> float | None:
@@ -96,6 +98,7 @@ class EvaluationResult:
             **({} if self.published_row else {"published": NO_PUBLISHED_ROW}),
             "tf32": self.tf32,
             **self.metrics,
+            **({"skipped": self.skipped} if self.skipped else {}),
             **(
                 {
                     "comparable_to_published": bool(self.recipe_diff["comparable"]),
@@ -156,6 +159,7 @@ def evaluate_model(
     tf32: bool = True,
     training_diff: dict[str, Any] | None = None,
     on_prediction: OnPrediction | None = None,
+    skip_corrupt: bool = False,
 ) -> EvaluationResult:
     """Evaluate ``model`` (zoo entry ``config``) on the validation split of ``data``.
 
@@ -176,6 +180,8 @@ def evaluate_model(
             ``recipe_diff.json``), folded into this evaluation's; None for a checkpoint not trained here.
         on_prediction: called with each item this rank evaluates and its (H, W) predicted train ids
             (:func:`pipelines.engine.evaluator.evaluate`; e.g. :class:`pipelines.runs.show.ComparisonWriter`).
+        skip_corrupt: leave out shard samples that cannot be read (counted as ``skipped_samples``, listed in
+            ``skipped``) instead of stopping with an error naming the shard and the key.
 
     Raises:
         ValueError: ``ms`` for an entry without a multi-scale recipe.
@@ -190,7 +196,7 @@ def evaluate_model(
     source = (
         data
         if isinstance(data, EvalSource)
-        else eval_items(config, data, rank=rank, world_size=world, limit=limit)
+        else eval_items(config, data, rank=rank, world_size=world, limit=limit, skip_corrupt=skip_corrupt)
     )
     apply_tf32(tf32, device)
     before = cuda_ops.backend_usage()
@@ -208,11 +214,21 @@ def evaluate_model(
         on_prediction=on_prediction,
     )
     used = cuda_ops.usage_since(before)
+    if skip_corrupt:
+        metrics["skipped_samples"] = _count_across(len(source.skipped), dist_info)
     per_class = metrics.pop("per_class")
     confusion = metrics.pop("confusion", None)
     artifacts: list[Path] = []
     if overlays_dir is not None and rank == 0 and not isinstance(data, EvalSource):
-        artifacts = write_overlays(model, config, data, overlays_dir, pipeline_mode=mode, settings=settings)
+        artifacts = write_overlays(
+            model,
+            config,
+            data,
+            overlays_dir,
+            pipeline_mode=mode,
+            settings=settings,
+            skip_corrupt=skip_corrupt,
+        )
     diff = recipe_diff.evaluation_diff(
         config,
         mode=mode,
@@ -242,7 +258,19 @@ def evaluate_model(
         confusion=confusion,
         tf32=tf32,
         recipe_diff=diff.to_dict(),
+        skipped=list(source.skipped),
     )
+
+
+def _count_across(count: int, dist_info: DistInfo | None) -> int:
+    """``count`` summed over the processes of a distributed evaluation."""
+    if dist_info is None or not dist_info.distributed:
+        return count
+    import torch
+
+    total = torch.tensor([count], dtype=torch.int64, device=dist_info.device)
+    torch.distributed.all_reduce(total)
+    return int(total.item())
 
 
 def write_overlays(
@@ -254,21 +282,25 @@ def write_overlays(
     pipeline_mode: EvalMode,
     settings: InferenceSettings,
     count: int = NUM_OVERLAYS,
+    skip_corrupt: bool = False,
 ) -> list[Path]:
-    """Colour overlays (with a legend) of the first ``count`` validation images, named after their keys."""
+    """Colour overlays (with a legend) of the first ``count`` validation images, named after their keys
+    (PNG, written atomically)."""
     import cv2
 
+    from data.atomic import write_bytes_atomic
     from pipelines.reporting.visualize import overlay_with_legend
 
     out.mkdir(parents=True, exist_ok=True)
     pipeline = test_pipeline(config, pipeline_mode)
     device = next(model.parameters()).device
     paths = []
-    for item in eval_items(config, data, limit=count).items:
+    for item in eval_items(config, data, limit=count, skip_corrupt=skip_corrupt).items:
         pred = predict_labels(
             model, item["image"], pipeline, settings, num_classes=config.num_classes, device=device
         )
         path = out / f"{safe_stem(str(item['key']))}.png"
-        cv2.imwrite(str(path), overlay_with_legend(item["image"], pred, palette(config), class_names(config)))
+        overlay = overlay_with_legend(item["image"], pred, palette(config), class_names(config))
+        write_bytes_atomic(path, cv2.imencode(".png", overlay)[1].tobytes())
         paths.append(path)
     return paths

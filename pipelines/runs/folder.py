@@ -6,7 +6,8 @@ Layout (written by :class:`pipelines.engine.checkpoints.CheckpointManager` and t
     iter_0001000.pth     iteration checkpoints (the latest K kept); latest.json names the newest
     best_mIoU.pth        the best evaluation so far; best.json says which iteration and score
     run_signature.json   the hash of the run's training definition
-    train_log.jsonl      one JSON record per log interval
+    train_log.jsonl      one JSON record per log interval (the last one says why a failed run stopped)
+    skipped_samples.jsonl  the corrupt samples skipped with --skip-corrupt (iteration, shard, key, reason)
     config.json          the resolved zoo entry; key_report.json: what was loaded into the model
 
 What decides what (the one table, also in README "What reruns what"):
@@ -46,12 +47,28 @@ BEST_INFO = "best.json"
 SIGNATURE_FILE = "run_signature.json"
 TRAIN_LOG = "train_log.jsonl"
 EVAL_LOG = "eval_log.jsonl"  # one record per evaluation during training
+SKIPPED_SAMPLES = "skipped_samples.jsonl"  # corrupt samples skipped during training (--skip-corrupt)
 CONFIG_FILE = "config.json"
 KEY_REPORT = "key_report.json"
 STALE_SUFFIX = ".stale-"
 
 LOCK_FILE = ".lock"
 Which = Literal["best", "last"]
+
+# the lock files this process holds: a forked child (a data-loader worker) closes its copies at once, so the
+# lock goes with this process's own close and never lives on in a child (flock: released when every copy
+# of the descriptor is closed)
+_HELD_LOCKS: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for descriptor in _HELD_LOCKS:
+        with contextlib.suppress(OSError):
+            os.close(descriptor)
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
 
 
 class RunFolderBusyError(RuntimeError):
@@ -141,10 +158,15 @@ class RunFolder:
 
     def read_log(self) -> list[dict[str, Any]]:
         """The training log's records (a torn last line, from a kill mid-write, is skipped)."""
-        if not self.train_log.is_file():
+        return self.read_records(TRAIN_LOG)
+
+    def read_records(self, name: str) -> list[dict[str, Any]]:
+        """The records of the JSON-lines file ``name`` of the folder (a torn last line is skipped)."""
+        path = self.path / name
+        if not path.is_file():
             return []
         records = []
-        lines = self.train_log.read_text().splitlines()
+        lines = path.read_text().splitlines()
         for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
@@ -152,9 +174,9 @@ class RunFolder:
                 records.append(json.loads(line))
             except json.JSONDecodeError:
                 if number == len(lines):
-                    log.warning("%s: skipping the torn last line %d", self.train_log, number)
+                    log.warning("%s: skipping the torn last line %d", path, number)
                     continue
-                raise ValueError(f"{self.train_log}: line {number} is not JSON") from None
+                raise ValueError(f"{path}: line {number} is not JSON") from None
         return records
 
     # -- one writer ----------------------------------------------------------------------------------
@@ -185,8 +207,10 @@ class RunFolder:
             handle.truncate()
             handle.write(f"{os.getpid()}\n")
             handle.flush()
+            _HELD_LOCKS.add(handle.fileno())
             yield
         finally:
+            _HELD_LOCKS.discard(handle.fileno())
             handle.close()  # releases the lock
 
     def remove_orphaned_temporaries(self) -> list[Path]:

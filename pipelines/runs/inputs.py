@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -116,29 +116,46 @@ def check_shards_match(config: SegmentorConfig, root: str | Path) -> None:
 
 @dataclass
 class EvalSource:
-    """Validation items of a prepared shard folder or of an official raw folder."""
+    """Validation items of a prepared shard folder or of an official raw folder.
+
+    Attributes:
+        skipped: the corrupt samples left out so far (with ``skip_corrupt``; filled while ``items`` is read).
+    """
 
     items: Iterator[dict[str, Any]]
     total: int
     description: str
+    skipped: list[dict[str, Any]] = field(default_factory=list)
 
 
 def eval_items(
-    config: SegmentorConfig, data: str | Path, *, rank: int = 0, world_size: int = 1, limit: int | None = None
+    config: SegmentorConfig,
+    data: str | Path,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    limit: int | None = None,
+    skip_corrupt: bool = False,
 ) -> EvalSource:
     """This rank's share of the validation set of ``config``'s dataset, from shards or a raw folder.
 
-    Each item is ``{"key", "image": (H, W, 3) uint8 BGR, "label": (H, W) train ids}`` at original size.
+    Each item is ``{"key", "image": (H, W, 3) uint8 BGR, "label": (H, W) train ids}`` at original size. A corrupt
+    shard sample is an error naming the shard and the key, or with ``skip_corrupt`` left out (listed in the
+    source's ``skipped``).
     """
     root = Path(data)
     dataset = config.data.dataset
+    skipped: list[dict[str, Any]] = []
     if (root / INDEX_FILE).is_file():
         from data.loaders import build_eval_loader
 
         check_shards_match(config, root)
-        loader = build_eval_loader(root, split="val", rank=rank, world_size=world_size)
+        loader = build_eval_loader(
+            root, split="val", rank=rank, world_size=world_size, skip_corrupt=skip_corrupt
+        )
         total = len(loader.dataset)
         items: Iterator[dict[str, Any]] = iter(loader)
+        skipped = loader.skipped
         description = f"prepared shards {root}"
     else:
         if not is_builtin(dataset):
@@ -161,7 +178,7 @@ def eval_items(
     if limit is not None:
         total = min(total, limit)
         items = (item for i, item in zip(range(limit), items, strict=False))
-    return EvalSource(items=items, total=total, description=description)
+    return EvalSource(items=items, total=total, description=description, skipped=skipped)
 
 
 def class_names(config: SegmentorConfig) -> tuple[str, ...]:

@@ -12,7 +12,10 @@ What is compared with the published row (the zoo entry without overrides, docs/r
   reference's SyncBN spans the whole global batch), ``accumulation``, ``world_size``, ``crop``, ``precision``,
   ``tf32``, ``pretrained`` (the official file, another file, or random initialisation), ``init_from`` (the
   strategy-2 stage), ``dataset`` (the official distribution or a synthetic twin, from the shards' index),
-  ``config`` (any other field changed by the preset or overrides) and ``preset``;
+  ``config`` (any other field changed by the preset or overrides) and ``preset``; and, once they happened,
+  ``skipped_steps`` (non-finite steps dropped with ``nonfinite_steps: skip``; fp16's overflow skips belong to
+  fp16 training, itself the ``precision`` deviation, and are only counted in the setup) and ``skipped_samples``
+  (corrupt samples replaced with ``skip_corrupt``);
 * evaluation: the training's deviations (prefixed ``training.``) when the checkpoint's run recorded them,
   ``eval_mode`` (a mode with no published number), ``eval_scales`` (changed test settings), ``eval_inference``
   (whole instead of slide), ``eval_precision`` (not the reference's: fp16 autocast for DeiT-T/S/B and
@@ -240,6 +243,7 @@ def training_diff(
     init_from: Mapping[str, Any] | None,
     dataset: Mapping[str, Any],
     preset: str | None = None,
+    health: Mapping[str, int] | None = None,
 ) -> RecipeDiff:
     """The recipe diff of training ``config`` (overrides applied) with ``plan``.
 
@@ -252,9 +256,12 @@ def training_diff(
             it), None when none was.
         dataset: :func:`data.provenance.dataset_source` of the training data.
         preset: the preset applied, if known.
+        health: the counts of skipped steps and samples so far
+            (:meth:`pipelines.engine.step_guard.StepHealth.to_state`), None before training.
     """
     published = models.get_config(config.name)
     batch = plan.batch
+    counts = dict(health or {})
     reference_world = published.data.train.gpus
     deviations: list[Deviation] = []
     equivalent: list[Deviation] = []
@@ -301,6 +308,12 @@ def training_diff(
     equivalent += implementation
     if preset:
         deviations.append(Deviation("preset", None, preset, "a different model size"))
+    if counts.get("skipped_steps") and plan.precision != "fp16":
+        note = "steps whose loss or gradient norm was not finite, dropped (nonfinite_steps: skip)"
+        deviations.append(Deviation("skipped_steps", 0, counts["skipped_steps"], note))
+    if counts.get("skipped_samples"):
+        note = "corrupt samples replaced by the next readable one (skip_corrupt)"
+        deviations.append(Deviation("skipped_samples", 0, counts["skipped_samples"], note))
     setup = {
         "plan": {
             "max_iters": plan.max_iters,
@@ -311,7 +324,10 @@ def training_diff(
             "bn_group": batch.bn_group_size,
             "precision": plan.precision,
             "tf32": plan.tf32,
+            "nonfinite_steps": getattr(plan, "nonfinite_steps", "stop"),
+            "debug_nan_at": getattr(plan, "debug_nan_at", None),
         },
+        "health": {k: counts.get(k, 0) for k in ("skipped_steps", "skipped_samples")},
         "pretrained": dict(pretrained) if pretrained else None,
         "init_from": {k: v for k, v in (init_from or {}).items() if k != "recipe_diff"} or None,
         "dataset": dict(dataset),

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 import models
-from data.atomic import write_json_atomic
+from data.atomic import WriteError, write_json_atomic
 from data.catalog import get_dataset
 from data.provenance import dataset_source
 from models.checkpoint import LoadReport, load_checkpoint_file, load_stage_checkpoint
@@ -37,6 +37,7 @@ from pipelines.config.params import DEFAULT_PATHS
 from pipelines.config.specs import train_pipeline
 from pipelines.engine.distributed import DevicePreference, DistInfo, init_distributed
 from pipelines.engine.plan import TrainPlan, resolve_plan
+from pipelines.engine.step_guard import StepHealth
 from pipelines.engine.trainer import Callback, Trainer, TrainResult
 from pipelines.runs import evaluation, recipe_diff
 from pipelines.runs.folder import CONFIG_FILE, KEY_REPORT, RunFolder
@@ -203,9 +204,14 @@ def plan_for(
 
 
 def training_recipe_diff(
-    spec: RunSpec, config: SegmentorConfig, plan: TrainPlan, keys: dict[str, Any]
+    spec: RunSpec,
+    config: SegmentorConfig,
+    plan: TrainPlan,
+    keys: dict[str, Any],
+    health: StepHealth | None = None,
 ) -> RecipeDiff:
-    """The run's recipe diff (:mod:`pipelines.runs.recipe_diff`) from its plan and what was loaded."""
+    """The run's recipe diff (:mod:`pipelines.runs.recipe_diff`) from its plan, what was loaded and the steps
+    and samples skipped so far."""
     return recipe_diff.training_diff(
         config,
         plan,
@@ -213,6 +219,7 @@ def training_recipe_diff(
         init_from=keys.get("init_from_checkpoint"),
         dataset=dataset_source(spec.data),
         preset=spec.preset,
+        health=health.to_state() if health is not None else None,
     )
 
 
@@ -257,6 +264,7 @@ def _train(spec: RunSpec, dist_info: DistInfo, callbacks: list[Callback] | None)
             start_step=start_step,
             micro_batches=micro_batches,
             pin_memory=dist_info.device.type == "cuda",
+            skip_corrupt=spec.knobs.skip_corrupt,
         )
         return iter(loader)
 
@@ -272,8 +280,19 @@ def _train(spec: RunSpec, dist_info: DistInfo, callbacks: list[Callback] | None)
             limit=spec.knobs.eval_limit,
             progress=spec.progress,
             tf32=plan.tf32,
+            skip_corrupt=spec.knobs.skip_corrupt,
         )
         return {**result.metrics, "per_class": result.per_class, "deform_attn_backend": result.backend}
+
+    def current_diff(health: StepHealth) -> dict[str, Any]:
+        """The recipe diff with the skips so far: in every checkpoint, and in the run folder when it changed."""
+        updated = training_recipe_diff(spec, config, plan, keys, health).to_dict()
+        if dist_info.is_main and updated != written[0]:
+            recipe_diff.write_diff(spec.work_dir, RecipeDiff.from_dict(updated))
+            written[0] = updated
+        return {"recipe_diff": updated}
+
+    written = [diff.to_dict()]
 
     trainer = Trainer(
         model,
@@ -284,9 +303,15 @@ def _train(spec: RunSpec, dist_info: DistInfo, callbacks: list[Callback] | None)
         callbacks=callbacks,
         extra_state={
             "overrides": spec.overrides,
-            "recipe_diff": diff.to_dict(),
             # a user's card: its classes and palette travel with the weights (evaluate, predict, export, serve)
             **({"dataset": get_dataset(config.data.dataset).to_record()} if is_own_data(config) else {}),
         },
+        state_extras=current_diff,
     )
-    return trainer.fit()
+    try:
+        return trainer.fit()
+    finally:  # the skips of the last stretch (a failed run's too) are in the run folder's recipe diff
+        try:
+            current_diff(trainer.guard.health)
+        except WriteError as err:  # a full disk: the failure that stopped training is what is raised
+            log.warning("could not update the recipe diff: %s", err)

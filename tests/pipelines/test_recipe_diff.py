@@ -133,3 +133,27 @@ def test_mlflow_gets_the_artifact_the_count_and_the_tag(tmp_path: Path) -> None:
     assert run.data.metrics["recipe_deviations"] == 2 and run.data.tags["comparable_to_published"] == "false"
     downloaded = client.download_artifacts(run_id, "recipe_diff.json", str(tmp_path))
     assert json.loads(Path(downloaded).read_text()) == json.loads(json.dumps(_deviating().to_dict()))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_skipped_steps_and_samples_are_deviations_once_they_happened(tmp_path: Path, precision: str) -> None:
+    """fp16's loss-scaler skips belong to fp16 training (the precision deviation): counted, not a deviation."""
+    import models
+    from pipelines.engine.plan import resolve_plan
+    from pipelines.runs.recipe_diff import training_diff
+
+    config = models.get_config(NAME)
+    plan = resolve_plan(config, TrainParams(precision=precision), world_size=8, work_dir=tmp_path)
+    official = {"kind": "official"}
+    pretrained = {"file": config.pretrained.file}
+
+    def diff(health: dict | None) -> RecipeDiff:
+        return training_diff(
+            config, plan, pretrained=pretrained, init_from=None, dataset=official, health=health
+        )
+
+    assert diff(None).keys == diff({"skipped_steps": 0, "skipped_samples": 0}).keys
+    counted = diff({"skipped_steps": 3, "skipped_samples": 2})
+    expected = ["skipped_samples"] if precision == "fp16" else ["skipped_steps", "skipped_samples"]
+    assert [d.key for d in counted.deviations if d.key.startswith("skipped")] == expected
+    assert counted.setup["health"] == {"skipped_steps": 3, "skipped_samples": 2}

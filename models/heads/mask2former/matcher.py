@@ -11,6 +11,12 @@ at random, the same points for every query and every target:
 
 and ``scipy.optimize.linear_sum_assignment`` minimises their sum on the CPU. Queries left
 unmatched are no-object.
+
+Diverged predictions (NaN or infinite logits) give non-finite costs, which the assignment cannot take: they
+are replaced by :data:`NONFINITE_COST` (worse than any real cost), so the match is still made and the loss
+terms, computed from the same predictions, come out non-finite; the trainer's check after the step then names
+the iteration and the terms (``pipelines.engine.step_guard``) instead of a failure deep in the matcher. The
+reference's assigner fails inside scipy instead.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from scipy.optimize import linear_sum_assignment
 from models.heads.mask2former.points import point_sample
 
 DICE_EPS = 1.0
+# what a non-finite cost entry becomes: far above any real cost (each term is below 10 per weight unit)
+NONFINITE_COST = 1e12
 
 
 def classification_cost(cls_logits: torch.Tensor, gt_labels: torch.Tensor) -> torch.Tensor:
@@ -107,10 +115,7 @@ class HungarianMatcher:
 
         Returns:
             (query indices, target indices), int64 on the input device, query indices ascending;
-            ``min(Q, G)`` pairs.
-
-        Raises:
-            ValueError: if the cost has non-finite entries (diverged predictions).
+            ``min(Q, G)`` pairs. Non-finite costs (diverged predictions) count as :data:`NONFINITE_COST`.
         """
         device = cls_logits.device
         if gt_labels.numel() == 0:
@@ -118,7 +123,7 @@ class HungarianMatcher:
             return empty, empty
         cost = self.cost_matrix(cls_logits, mask_logits, gt_labels, gt_masks, points).cpu().numpy()
         if not np.isfinite(cost).all():
-            raise ValueError("the Mask2Former matching cost has non-finite entries (diverged predictions?)")
+            cost = np.nan_to_num(cost, nan=NONFINITE_COST, posinf=NONFINITE_COST, neginf=NONFINITE_COST)
         rows, cols = linear_sum_assignment(cost)
         return (
             torch.as_tensor(rows, dtype=torch.int64, device=device),
