@@ -112,10 +112,16 @@ def weights_stage(params: Params, runs: list[str] | None = None) -> dict[str, An
 
 
 def init_from_path(params: Params, run: RunParams) -> str:
-    """What ``RunSpec.init_from`` gets: the checkpoint of the run this one starts from, or the setting as is."""
+    """What ``RunSpec.init_from`` gets: the run folder of the run this one starts from (the training takes its
+    final checkpoint, which follows from that run's training definition alone), or the setting as is."""
     if run.init_from not in params.runs:
         return run.init_from
-    return str(RunFolder(params.run_dir(run.init_from)).checkpoint("best"))
+    folder = params.run_dir(run.init_from)
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"run {run.init_from}, which this run starts from (init_from), has no run folder {folder}: train it first"
+        )
+    return str(folder)
 
 
 def run_spec(params: Params, name: str) -> RunSpec:

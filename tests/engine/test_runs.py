@@ -202,10 +202,13 @@ def test_stage_two_without_its_stage_checkpoint_names_what_to_do(twin: Path, tmp
         "mask2former_beit_adapter_large_896_80k_cocostuff164k.zip" in message
         and "init_from='none'" in message
     )
-    best = tmp_path / "runs" / "mask2former_beit_adapter_large_896_80k_cocostuff164k" / "best_mIoU.pth"
-    best.parent.mkdir(parents=True)
-    best.write_bytes(b"x")
-    assert stage_checkpoint_path(config, spec) == best
+    # the stage's run folder: its final (newest iteration) checkpoint, never the best-mIoU one (that one
+    # depends on evaluation settings outside the training definition)
+    stage = tmp_path / "runs" / "mask2former_beit_adapter_large_896_80k_cocostuff164k"
+    stage.mkdir(parents=True)
+    for name in ("best_mIoU.pth", "iter_0000008.pth", "iter_0000010.pth"):
+        (stage / name).write_bytes(b"x")
+    assert stage_checkpoint_path(config, spec) == stage / "iter_0000010.pth"
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
