@@ -20,6 +20,7 @@ The micro params (tests/micro_params.py) with enough iterations to stop somethin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -374,6 +375,7 @@ def test_a_deployment_survives_a_stopped_server_and_a_stopped_or_killed_worker(t
     runs = {name: root / "artifacts" / "runs" / "tiny" for name, root in roots.items()}
     server = start_server(url, env, tmp_path / "server.log")
     worker: subprocess.Popen[bytes] | None = None
+    orphans: list[int] = []
     try:
         created = prefect("work-pool", "create", "vitadapter-local", "--type", "process")
         assert created.returncode == 0, created.stdout + created.stderr
@@ -427,6 +429,7 @@ def test_a_deployment_survives_a_stopped_server_and_a_stopped_or_killed_worker(t
 
         # 4. the worker killed: its flow-run process lives on and completes the flow run itself
         flow_run_id, reached = started(params["sigkill"], runs["sigkill"], worker)
+        orphans = _children(worker.pid)  # in sessions of their own: the worker's process group misses them
         os.kill(worker.pid, signal.SIGKILL)
         worker.wait(timeout=60)
         _wait(lambda: ended(flow_run_id), "the flow run")
@@ -435,4 +438,7 @@ def test_a_deployment_survives_a_stopped_server_and_a_stopped_or_killed_worker(t
     finally:
         if worker is not None:
             stop(worker)
+        for pid in orphans:  # a flow-run process outliving the killed worker (it may still flush its events)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         stop(server)
