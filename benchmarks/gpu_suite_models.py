@@ -47,9 +47,9 @@ from benchmarks.train_step.common import (
 
 # --- the project's pipeline API: the one place to fix if its modules move ---------------------------
 from pipelines.engine.distributed import DistInfo, init_distributed, shutdown
-from pipelines.engine.evaluator import InferenceSettings
 from pipelines.engine.plan import BatchPlan, TrainPlan
 from pipelines.engine.trainer import Trainer
+from pipelines.engine.views import InferenceSettings
 
 # ------------------------------------------------------------------------------------------------------
 

@@ -6,7 +6,8 @@ resolved); field docstrings name the reference option they stand for. Nothing he
 so listing and validating configs is instant.
 
 Overrides by dotted path, their checks and the fields derived from others live in
-:mod:`models.overrides`; :func:`validate` holds the cross-field rules every config must satisfy.
+:mod:`models.overrides`; a field's range (``field(metadata=bounds(gt=0))``, :func:`models.values.bounds`) is
+checked for every value a user sets; :func:`validate` holds the cross-field rules every config must satisfy.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from models.values import bounds
 
 TrunkKind = Literal["vit", "beit", "dinov3", "dinov2", "eva02"]
 HeadKind = Literal["upernet", "mask2former"]
@@ -74,9 +77,9 @@ class TrunkConfig:
     depth: int
     num_heads: int
     img_size: int
-    drop_path_rate: float
-    layer_scale_init: float
-    mlp_ratio: float = 4.0
+    drop_path_rate: float = field(metadata=bounds(min=0, lt=1))
+    layer_scale_init: float = field(metadata=bounds(min=0))
+    mlp_ratio: float = field(default=4.0, metadata=bounds(gt=0))
     patch_size: int = 16
     qkv_bias: bool = True
     timm_name: str | None = None
@@ -95,12 +98,12 @@ class AdapterConfig:
     """
 
     deform_num_heads: int
-    deform_ratio: float
+    deform_ratio: float = field(metadata=bounds(gt=0))
     interaction_indexes: tuple[tuple[int, int], ...]
-    injector_init_values: float
+    injector_init_values: float = field(metadata=bounds(min=0))
     conv_inplane: int = 64
     n_points: int = 4
-    cffn_ratio: float = 0.25
+    cffn_ratio: float = field(default=0.25, metadata=bounds(gt=0))
     with_cffn: bool = True
     add_vit_feature: bool = True
     use_extra_extractor: bool = True
@@ -121,8 +124,8 @@ class UperNetConfig:
 
     channels: int
     pool_scales: tuple[int, ...] = (1, 2, 3, 6)
-    dropout_ratio: float = 0.1
-    loss_weight: float = 1.0
+    dropout_ratio: float = field(default=0.1, metadata=bounds(min=0, lt=1))
+    loss_weight: float = field(default=1.0, metadata=bounds(min=0))
 
 
 @dataclass(frozen=True)
@@ -134,8 +137,8 @@ class FCNConfig:
     num_convs: int = 1
     kernel_size: int = 3
     concat_input: bool = False
-    dropout_ratio: float = 0.1
-    loss_weight: float = 0.4
+    dropout_ratio: float = field(default=0.1, metadata=bounds(min=0, lt=1))
+    loss_weight: float = field(default=0.4, metadata=bounds(min=0))
 
 
 @dataclass(frozen=True)
@@ -153,13 +156,13 @@ class Mask2FormerConfig:
     num_decoder_layers: int = 9
     num_feature_levels: int = 3
     with_cp: bool = False
-    cls_loss_weight: float = 2.0
-    mask_loss_weight: float = 5.0
-    dice_loss_weight: float = 5.0
-    no_object_weight: float = 0.1
+    cls_loss_weight: float = field(default=2.0, metadata=bounds(min=0))
+    mask_loss_weight: float = field(default=5.0, metadata=bounds(min=0))
+    dice_loss_weight: float = field(default=5.0, metadata=bounds(min=0))
+    no_object_weight: float = field(default=0.1, metadata=bounds(min=0))
     train_num_points: int = 12544
-    oversample_ratio: float = 3.0
-    importance_sample_ratio: float = 0.75
+    oversample_ratio: float = field(default=3.0, metadata=bounds(min=1))
+    importance_sample_ratio: float = field(default=0.75, metadata=bounds(min=0, max=1))
 
 
 @dataclass(frozen=True)
@@ -172,14 +175,14 @@ class OptimizerRecipe:
             (longest key first, then alphabetical; first match wins).
     """
 
-    lr: float
-    weight_decay: float
-    layer_decay_rate: float | None
+    lr: float = field(metadata=bounds(gt=0))
+    weight_decay: float = field(metadata=bounds(min=0))
+    layer_decay_rate: float | None = field(metadata=bounds(gt=0, max=1))
     num_layers: int | None
     custom_keys: tuple[tuple[str, float, float], ...] = ()
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    grad_clip: float | None = None
+    betas: tuple[float, float] = field(default=(0.9, 0.999), metadata=bounds(min=0, lt=1))
+    eps: float = field(default=1e-8, metadata=bounds(gt=0))
+    grad_clip: float | None = field(default=None, metadata=bounds(gt=0))
 
 
 @dataclass(frozen=True)
@@ -189,9 +192,9 @@ class ScheduleRecipe:
     max_iters: int
     eval_interval: int
     warmup_iters: int = 1500
-    warmup_ratio: float = 1e-6
-    power: float = 1.0
-    min_lr: float = 0.0
+    warmup_ratio: float = field(default=1e-6, metadata=bounds(gt=0, max=1))
+    power: float = field(default=1.0, metadata=bounds(min=0))
+    min_lr: float = field(default=0.0, metadata=bounds(min=0))
     checkpoint_interval: int = 1000
     max_keep_checkpoints: int = 1
     log_interval: int = 50
@@ -211,9 +214,9 @@ class TrainDataRecipe:
     crop_size: tuple[int, int]
     samples_per_gpu: int
     gpus: int
-    ratio_range: tuple[float, float] = (0.5, 2.0)
-    cat_max_ratio: float = 0.75
-    flip_prob: float = 0.5
+    ratio_range: tuple[float, float] = field(default=(0.5, 2.0), metadata=bounds(gt=0))
+    cat_max_ratio: float = field(default=0.75, metadata=bounds(gt=0, max=1))
+    flip_prob: float = field(default=0.5, metadata=bounds(min=0, max=1))
 
     @property
     def global_batch(self) -> int:
@@ -234,7 +237,7 @@ class MultiScaleRecipe:
         source: ``"ms_config"`` (a ``_ms`` config exists) or ``"aug_test"`` (test.py --aug-test).
     """
 
-    ratios: tuple[float, ...]
+    ratios: tuple[float, ...] = field(metadata=bounds(gt=0))
     flip: bool
     resize: Literal["keep_ratio", "setr"]
     source: Literal["ms_config", "aug_test"]
@@ -270,8 +273,8 @@ class DataRecipe:
     """Dataset, normalisation and pipelines of a config."""
 
     dataset: DatasetName
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    mean: tuple[float, float, float] = field(metadata=bounds(min=0, max=255))
+    std: tuple[float, float, float] = field(metadata=bounds(gt=0))
     train: TrainDataRecipe
     eval: EvalRecipe
     to_rgb: bool = True

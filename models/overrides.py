@@ -10,8 +10,11 @@ accepted, each resolved to exactly one path or rejected with the candidates:
 * a dotted key that is the unique ending of one path (``trunk.embed_dim``, ``eval.mode``);
 * a section path with a mapping (``{"decode_head": {"channels": 32}}``), flattened to its fields.
 
-Every value is checked against the field's type: ``Literal`` options, tuples of the right length
-(lists from YAML or the command line become tuples), ints, floats, bools, optional values. Fields
+Every value is checked against the field's type by the checker params.yaml uses too
+(:mod:`models.values`): ``Literal`` options, tuples of the right length (lists from YAML or the command
+line become tuples), ints, floats (any Python float literal: ``6e-5``, ``1e12``, ``.5``), bools, optional
+values; and against the field's range where it declares one (a learning rate above 0, a dropout ratio
+between 0 and 1; ``inf`` and ``nan`` are refused there). Fields
 that identify the entry or its published numbers (``name``, ``reference_config``, ``head``,
 ``published.*``) are not overridable.
 
@@ -32,11 +35,11 @@ dataset's, the crop against a BEiT trunk's ``img_size``) with a message naming b
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any
 
+from models import values
 from models.config import SegmentorConfig, even_interaction_indexes, validate
 
 # the bare names accepted as shorthands, each for exactly one path (documented in README, "Overrides")
@@ -123,62 +126,22 @@ def resolve_key(config: SegmentorConfig, key: str) -> str:
     return path
 
 
-def _type_name(annotation: Any) -> str:
-    if typing.get_origin(annotation) is None and hasattr(annotation, "__name__"):
-        return annotation.__name__
-    return str(annotation).replace("typing.", "")
-
-
 def check_value(value: Any, annotation: Any, where: str) -> Any:
-    """``value`` converted to ``annotation`` (lists to tuples, ints to floats), or an OverrideError naming ``where``."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        options = [a for a in args if a is not type(None)]
-        errors = []
-        for option in options:
-            try:
-                return check_value(value, option, where)
-            except OverrideError as err:
-                errors.append(str(err))
-        raise OverrideError(
-            errors[0] if len(errors) == 1 else f"{where}={value!r}: expected {_type_name(annotation)}"
-        )
-    if origin is Literal:
-        if value not in args:
-            raise OverrideError(f"{where}={value!r}: allowed values are {', '.join(repr(a) for a in args)}")
-        return value
-    if origin is tuple:
-        if not isinstance(value, list | tuple):
-            raise OverrideError(f"{where}={value!r}: expected a list ({_type_name(annotation)})")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(check_value(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise OverrideError(f"{where}={value!r}: expected {len(args)} values ({_type_name(annotation)})")
-        return tuple(
-            check_value(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True))
-        )
-    if dataclasses.is_dataclass(annotation):
-        raise OverrideError(f"{where} is a section: set its fields ({where}.<field>=...)")
-    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if annotation is int and isinstance(value, bool):
-        raise OverrideError(f"{where}={value!r}: expected int")
-    if annotation in (int, float, bool, str) and not isinstance(value, annotation):
-        raise OverrideError(f"{where}={value!r}: expected {annotation.__name__}")
-    return value
+    """``value`` converted to ``annotation`` (lists to tuples, ints and float literals to floats), or an
+    OverrideError naming ``where`` (the checker of :mod:`models.values`, shared with params.yaml)."""
+    return values.check_value(value, annotation, where, error=OverrideError)
 
 
-def _field_annotation(config: SegmentorConfig, path: str) -> Any:
+def _field_of(config: SegmentorConfig, path: str) -> tuple[Any, Mapping[str, Any]]:
+    """The type annotation and the metadata (its range, :func:`models.values.bounds`) of the field at ``path``."""
     *sections, leaf = path.split(".")
     obj: Any = config
     for name in sections:
         obj = getattr(obj, name)
         if obj is None:
             raise OverrideError(f"override {path}: {name} is not set in {config.name}")
-    return typing.get_type_hints(type(obj))[leaf]
+    metadata = next(f.metadata for f in dataclasses.fields(obj) if f.name == leaf)
+    return typing.get_type_hints(type(obj))[leaf], metadata
 
 
 def _set(obj: Any, parts: list[str], value: Any) -> Any:
@@ -221,7 +184,10 @@ def resolve_overrides(config: SegmentorConfig, overrides: Mapping[str, Any]) -> 
         if path in resolved:
             raise OverrideError(f"overrides {given[path]!r} and {key!r} both set {path}")
         given[path] = key
-        resolved[path] = check_value(value, _field_annotation(config, path), f"override {path}")
+        annotation, metadata = _field_of(config, path)
+        checked = check_value(value, annotation, f"override {path}")
+        values.check_range(checked, metadata, f"override {path}", error=OverrideError)
+        resolved[path] = checked
     return resolved
 
 

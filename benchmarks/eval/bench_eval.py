@@ -64,8 +64,9 @@ from benchmarks.train_step.common import (
 )
 from models.config import SegmentorConfig
 from pipelines.config.specs import test_pipeline
-from pipelines.engine.evaluator import InferenceSettings, evaluate
+from pipelines.engine.evaluator import evaluate
 from pipelines.engine.inference import slide_windows
+from pipelines.engine.views import InferenceSettings
 
 HERE = Path(__file__).resolve().parent
 IMAGE_SIZE = (512, 683)  # height, width: a 512-short-side image

@@ -19,7 +19,7 @@ def _run(args: argparse.Namespace, to: str) -> int:
     import models
     from models.checkpoint import load_checkpoint_file
     from pipelines.runs.conversion import convert
-    from pipelines.runs.inputs import recorded_entry
+    from pipelines.runs.inputs import check_recorded_entry, recorded_entry
 
     if len(args.files) not in (1, 2):
         raise ValueError(
@@ -31,6 +31,7 @@ def _run(args: argparse.Namespace, to: str) -> int:
     if name is None:  # the zoo entry the checkpoint records (an official file without one: name it)
         name = recorded_entry(state, src)
     overrides = model_overrides(args, name=name)  # checks NAME and --set
+    check_recorded_entry(state, src, name)  # a file of another entry is never converted under this NAME
     if not (args.set or args.preset) and state.get("config") == models.get_config(name).name:
         # the overrides an imported or training checkpoint of this entry records, as evaluate uses them
         overrides = {**dict(state.get("overrides") or {}), **overrides}

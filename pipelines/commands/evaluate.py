@@ -244,7 +244,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="recipe (default): as the reference measured it, fp16 autocast on CUDA for DeiT-T/S/B and "
         "AugReg-T/B, fp32 otherwise; or force fp32/bf16/fp16",
     )
-    evaluate.add_argument("--limit", type=int, help="only the first N validation images")
+    evaluate.add_argument(
+        "--limit",
+        type=int,
+        help="only the first N validation images (of the whole evaluation, also under torchrun)",
+    )
     evaluate.add_argument(
         "--skip-corrupt",
         action="store_true",

@@ -3,7 +3,8 @@
 With ``PREFECT_API_URL`` set (or a Prefect profile that sets it) the flow run is recorded on that
 server; otherwise Prefect starts a temporary local server for the run, whose state lives under
 ``PREFECT_HOME`` (``artifacts/prefect-home`` unless set). The command exits 1 when the flow run does
-not complete.
+not complete, and with one line naming the server when a configured Prefect server stopped answering
+(the stages' outputs are kept: rerunning the command resumes).
 """
 
 from __future__ import annotations
@@ -82,13 +83,16 @@ def run_stage_flow(stage: str, run: str, *, params_file: str, mode: str | None =
     """Run one pipeline stage as a Prefect flow run (temporary local server without PREFECT_API_URL).
 
     Raises:
-        RuntimeError: the flow run did not complete, naming it and its state message.
+        RuntimeError: the flow run did not complete, naming it and its state message, or the Prefect server
+            stopped answering (:class:`pipelines.orchestration.flows.PrefectServerUnreachableError`).
     """
     configure_prefect_environment()
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    from pipelines.orchestration.flows import stage_flow
+    from pipelines.orchestration.flows import run_flow, stage_flow
 
-    state = stage_flow(stage, run, mode=mode, params_file=params_file, return_state=True)
+    state = run_flow(
+        f"stage {stage} {run}", stage_flow, stage=stage, run=run, mode=mode, params_file=params_file
+    )
     if not state.is_completed():
         raise RuntimeError(
             f"stage {stage} {run} (flow run {state.state_details.flow_run_id}) ended {state.name}: {state.message}"
@@ -100,12 +104,12 @@ def _run(args: argparse.Namespace) -> int:
     configure_prefect_environment()
     if args.verbose < 2:  # httpx logs every call to the Prefect API at INFO
         logging.getLogger("httpx").setLevel(logging.WARNING)
-    from pipelines.orchestration.flows import FLOWS
+    from pipelines.orchestration.flows import run_flow
 
     kwargs = {"params_file": args.params}
     if args.flow != "pipeline":
         kwargs["run"] = args.run
-    state = FLOWS[args.flow](**kwargs, return_state=True)
+    state = run_flow(args.flow, **kwargs)
     flow_run_id = state.state_details.flow_run_id
     if not state.is_completed():
         log.error("flow %s (flow run %s) ended %s: %s", args.flow, flow_run_id, state.name, state.message)

@@ -5,7 +5,7 @@ softmaxes and averages them: K x H x W floats per view (150 classes on a 12-mega
 :func:`predict_labels` gives the same argmax without them when they would be large:
 
 * while K x H x W x 4 bytes stays under ``dense_limit`` it runs the reference path as it is
-  (:func:`pipelines.engine.evaluator.predict_probabilities`), so results on ordinary images are those of
+  (:func:`pipelines.engine.views.predict_probabilities`), so results on ordinary images are those of
   the evaluation, bit for bit;
 * beyond it, the classes are processed in chunks. A bilinear resize treats every class channel on its own,
   so resizing a chunk of channels gives exactly those channels of the full resize. Pass 1 runs an online
@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from data.eval_transforms import TestPipeline
-from pipelines.engine.evaluator import InferenceSettings, iter_view_scores, predict_probabilities
 from pipelines.engine.inference import to_original_size
+from pipelines.engine.views import InferenceSettings, iter_view_scores, predict_probabilities
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def predict_labels(
 
     Args:
         model, image, pipeline, settings, num_classes, device: as for
-            :func:`pipelines.engine.evaluator.predict_probabilities`.
+            :func:`pipelines.engine.views.predict_probabilities`.
         dense_limit: bytes of K x H x W float32 up to which the probabilities are held whole.
         source: the image's name, for the error message.
 

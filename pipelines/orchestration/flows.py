@@ -14,12 +14,19 @@ reuse prepared shards and resume training from the run folder.
 
 Results are written under ``artifacts/prefect/results`` (relative to the working directory at run
 time), or under ``PREFECT_RESULTS_LOCAL_STORAGE_PATH`` / ``PREFECT_LOCAL_STORAGE_PATH`` when set.
+
+When the orchestrator goes away (README, "Prefect"): the train task trains in a guarded process of its own
+session (:mod:`pipelines.orchestration.guardian`), which a stopped worker's signals do not reach and which
+stops with a checkpoint when the flow-run process is gone; a server that stops answering never stops the
+stages (only their calls to it fail, after the client's retries), and :func:`run_flow` turns that failure into
+one error naming the server and the recovery.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import subprocess
@@ -28,14 +35,17 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import httpx
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.context import TaskRunContext
 from prefect.runtime import flow_run
+from prefect.settings import PREFECT_API_URL
 from prefect.states import State
 
 from pipelines.config.params import DEFAULT_PATHS, Params, ParamsError, load_params
 from pipelines.orchestration import stages
+from pipelines.orchestration.guardian import TrainingProcessError
 from pipelines.orchestration.tracked import FLOW_RUN_ENV
 from pipelines.runs.folder import signature_of
 from pipelines.runs.weights import WeightsNotFoundError
@@ -54,6 +64,8 @@ WEIGHTS_RETRY_DELAYS_S = [10, 60]
 TRAIN_RETRIES = 2
 TRAIN_RETRY_DELAYS_S = [30, 120]
 STOPPED_BY_SIGNAL = (128 + 2, 128 + 15)  # the shell's exit status after SIGINT / SIGTERM
+# errors of a run's definition or data (ParamsError and OverrideError are ValueErrors): a retry fails the same way
+DEFINITION_ERRORS = frozenset({"ValueError", "TypeError", "KeyError", "FileNotFoundError"})
 
 
 def result_storage() -> Path:
@@ -119,9 +131,16 @@ def is_transient_download_failure(error: BaseException) -> bool:
 def is_transient_training_failure(error: BaseException) -> bool:
     """A training failure that a new attempt (resuming from the last checkpoint) may get past.
 
-    A failed ``torchrun`` launch (any rank's failure ends it with a non-zero status), or a network
-    error in this process; not a launch stopped by a signal, and not an error of the run's definition.
+    A training process that failed for a reason a new launch may get past: a failed ``torchrun`` launch
+    (any rank's failure ends it with a non-zero status), a lost peer, a network error, the run folder still
+    held by an earlier process finishing its checkpoint; not a training stopped by a signal (it wrote its
+    checkpoint and is meant to stop), not one killed outright, and not an error of the run's definition or
+    data (a wrong setting, a missing file).
     """
+    if isinstance(error, TrainingProcessError):
+        if error.signum is not None or error.returncode < 0:
+            return False
+        return not DEFINITION_ERRORS.intersection(error.kinds)
     if isinstance(error, subprocess.CalledProcessError):
         return error.returncode > 0 and error.returncode not in STOPPED_BY_SIGNAL
     return isinstance(error, ConnectionError | TimeoutError)
@@ -181,12 +200,30 @@ def weights_task(params_file: str, runs: list[str]) -> dict[str, Any]:
     **_PERSISTED,
 )
 def train_task(params_file: str, run: str) -> dict[str, Any]:
-    """Train ``run``: in this process for CPU or one GPU, as a ``torchrun`` subprocess for more."""
+    """Train ``run`` in a guarded process of its own (one Python process for CPU or one GPU, ``torchrun`` for
+    more): it outlives a stopped worker's signals to the flow run and then stops with a checkpoint
+    (:mod:`pipelines.orchestration.guardian`); its output goes to this task's log."""
     params = load_params(params_file)
     spec = params.run(run)
+    logger = get_run_logger()  # taken here: the output is forwarded from another thread
     if spec.gpus > 1 or spec.nodes > 1:
-        get_run_logger().info("run %s: torchrun on %d GPU(s) x %d node(s)", run, spec.gpus, spec.nodes)
-    return stages.train_stage(params, run, params_file=Path(params_file))
+        logger.info("run %s: torchrun on %d GPU(s) x %d node(s)", run, spec.gpus, spec.nodes)
+    return stages.train_stage(
+        params, run, params_file=Path(params_file), isolated=True, on_output=lambda line: _relog(logger, line)
+    )
+
+
+# a line of the project's console log (pipelines/cli.py): time, level, logger and message
+_CONSOLE_LINE = re.compile(r"^\d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR|CRITICAL) (.*)$")
+
+
+def _relog(logger: Any, line: str) -> None:
+    """One line of the training process's output into the run's log, at the level the line names."""
+    match = _CONSOLE_LINE.match(line)
+    if match:
+        logger.log(getattr(logging, match.group(1)), "%s", match.group(2))
+    elif line.strip():
+        logger.info("%s", line)
 
 
 @task(name="evaluate", task_run_name="evaluate-{run}-{mode}", **_PERSISTED)
@@ -334,3 +371,51 @@ def pipeline_flow(params_file: str = "params.yaml") -> dict[str, Any]:
 
 
 FLOWS = {"experiment": experiment_flow, "two-stage": two_stage_flow, "pipeline": pipeline_flow}
+
+
+# -- a server that stops answering ---------------------------------------------------------------------
+
+
+class PrefectServerUnreachableError(RuntimeError):
+    """The Prefect server stopped answering while a flow ran here; the message says what is kept and what to do."""
+
+
+def _unreachable_cause(error: BaseException) -> BaseException | None:
+    """The error (or one of its causes) that says the Prefect API did not answer: a transport error
+    (refused, reset, timed out) or a server error status that outlived the client's retries."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, httpx.TransportError):
+            return current
+        if isinstance(current, httpx.HTTPStatusError) and current.response.status_code >= 500:
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def run_flow(name: str, function: Any = None, **parameters: Any) -> State:
+    """Run flow ``name`` of :data:`FLOWS` (or ``function``, a flow) here and return its final state.
+
+    The stages never depend on the server while they work (the training goes on when it stops answering;
+    each API call is retried for about a minute by Prefect's client, so a restart in that time passes
+    unnoticed). When a call finally fails, this is one error naming the server and the recovery.
+
+    Raises:
+        PrefectServerUnreachableError: the Prefect API stopped answering during the flow run.
+    """
+    target = function if function is not None else FLOWS[name]
+    try:
+        return target(**parameters, return_state=True)
+    except Exception as err:
+        cause = _unreachable_cause(err)
+        if cause is None:
+            raise
+        server = PREFECT_API_URL.value() or "(the temporary local server)"
+        raise PrefectServerUnreachableError(
+            f"the Prefect server {server} stopped answering while flow {name} ran ({type(cause).__name__}: "
+            f"{cause}); nothing the stages wrote is lost (shards, run folders with their checkpoints, metrics): "
+            "when the server answers again, rerun the same command: finished stages are reused and the "
+            "training resumes from its latest checkpoint"
+        ) from err

@@ -16,6 +16,7 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from typing import Any
 from data.atomic import file_sha256, write_text_atomic
 from data.atomic import write_json_atomic as write_json
 from pipelines.config.params import Params, ParamsError, RunParams
+from pipelines.orchestration.guardian import record_failure, run_guarded, watch
 from pipelines.orchestration.tracked import data_inputs, run_tags, train_tracked
 from pipelines.reporting.records import FALLBACK_DB
 from pipelines.reporting.report import report_markdown, report_rows
@@ -126,10 +128,16 @@ def weights_stage(params: Params, runs: list[str] | None = None) -> dict[str, An
 
 
 def init_from_path(params: Params, run: RunParams) -> str:
-    """What ``RunSpec.init_from`` gets: the checkpoint of the run this one starts from, or the setting as is."""
+    """What ``RunSpec.init_from`` gets: the run folder of the run this one starts from (the training takes its
+    final checkpoint, which follows from that run's training definition alone), or the setting as is."""
     if run.init_from not in params.runs:
         return run.init_from
-    return str(RunFolder(params.run_dir(run.init_from)).checkpoint("best"))
+    folder = params.run_dir(run.init_from)
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"run {run.init_from}, which this run starts from (init_from), has no run folder {folder}: train it first"
+        )
+    return str(folder)
 
 
 def run_spec(params: Params, name: str) -> RunSpec:
@@ -162,17 +170,7 @@ def torchrun_command(params_file: Path, name: str, run: RunParams) -> list[str]:
             "--rdzv-backend=c10d",
             f"--rdzv-endpoint={os.environ.get('MASTER_ADDR', '127.0.0.1')}:{os.environ.get('MASTER_PORT', '29500')}",
         ]
-    return [
-        *command,
-        "-m",
-        "pipelines.cli",
-        "pipeline",
-        "train",
-        name,
-        "--params",
-        str(params_file),
-        WORKER_FLAG,
-    ]
+    return [*command, *_train_stage_module(params_file, name)]
 
 
 def run_signature(params: Params, name: str) -> str:
@@ -180,16 +178,62 @@ def run_signature(params: Params, name: str) -> str:
     return signature_of(params.training_definition(name))
 
 
+def stage_command(params_file: Path, name: str, run: RunParams) -> list[str]:
+    """The command line that runs the train stage of ``name`` in processes of its own: ``torchrun`` for
+    several GPUs or nodes, else one Python process."""
+    if run.gpus > 1 or run.nodes > 1:
+        return torchrun_command(params_file, name, run)
+    return [sys.executable, *_train_stage_module(params_file, name)]
+
+
+def _train_stage_module(params_file: Path, name: str) -> list[str]:
+    """The arguments after the interpreter that run the train stage of ``name`` as a re-launched stage."""
+    return ["-m", "pipelines.cli", "pipeline", "train", name, "--params", str(params_file), WORKER_FLAG]
+
+
 def train_stage(
-    params: Params, name: str, *, params_file: Path = Path("params.yaml"), worker: bool = False
+    params: Params,
+    name: str,
+    *,
+    params_file: Path = Path("params.yaml"),
+    worker: bool = False,
+    isolated: bool = False,
+    on_output: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Train run ``name`` (resuming its run folder); multi-GPU runs re-launch this stage under torchrun."""
+    """Train run ``name`` (resuming its run folder); multi-GPU runs re-launch this stage under torchrun.
+
+    Args:
+        params, name: the params and the run.
+        params_file: the params file (what a re-launched stage reads).
+        worker: this process is a re-launched stage (a torchrun rank, or the guarded child): train here.
+        isolated: train in a guarded child process (:mod:`pipelines.orchestration.guardian`: the Prefect train
+            task), which stops with a checkpoint when this process goes away.
+        on_output: with ``isolated``, called with each line the child writes.
+    """
     run = params.run(name)
+    if isolated and not worker:
+        command = stage_command(params_file, name, run)
+        log.info("training %s in a process of its own: %s", name, " ".join(command))
+        run_guarded(command, on_output=on_output)
+        return read_train_summary(params, name)
     if (run.gpus > 1 or run.nodes > 1) and not worker:
         command = torchrun_command(params_file, name, run)
         log.info("launching %s", " ".join(command))
         subprocess.run(command, check=True)
         return read_train_summary(params, name)
+    if not worker:
+        return _train_here(params, name)
+    watch()  # a re-launched stage stops with a checkpoint when the process that launched it is gone
+    try:
+        return _train_here(params, name)
+    except BaseException as err:
+        record_failure(err)  # the launching process raises it with this message
+        raise
+
+
+def _train_here(params: Params, name: str) -> dict[str, Any]:
+    """The train stage of run ``name`` in this process (one of the ranks under torchrun)."""
+    run = params.run(name)
     from pipelines.engine.distributed import barrier, init_distributed
     from pipelines.reporting.tracking import Tracker
 

@@ -22,13 +22,10 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import models
 from pipelines.reporting.mlflow_views import percent
-
-if TYPE_CHECKING:
-    from pipelines.reporting.tracking import Tracker
 
 # what makes the MLflow 3 UI open an experiment on its model-training views (runs table, charts)
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
@@ -203,10 +200,19 @@ def final_status(status: str, caller: FrameType | None) -> str:
     return status
 
 
+class RunRecorder(Protocol):
+    """What :class:`TrainingCallback` needs of a tracker (:class:`pipelines.reporting.tracking.Tracker`, which
+    builds on this module: named by its methods, so that this module never imports it)."""
+
+    def log_metrics(self, metrics: Mapping[str, Any], *, step: int) -> None: ...
+
+    def set_tags(self, tags: Mapping[str, str]) -> None: ...
+
+
 class TrainingCallback:
     """The trainer's :class:`pipelines.engine.trainer.Callback`, logging to the tracker's training run."""
 
-    def __init__(self, tracker: Tracker) -> None:
+    def __init__(self, tracker: RunRecorder) -> None:
         self.tracker = tracker
 
     def on_log(self, iteration: int, values: dict[str, float]) -> None:

@@ -7,7 +7,7 @@ measured the entry in unless told otherwise (§R2.6), compares the result with t
 mode, records which deformable-attention backend ran, sets and records TF32 (on by default, as the
 reference ran, :mod:`pipelines.engine.precision`), records the evaluation's recipe diff (every way it differs
 from the published row, :mod:`pipelines.runs.recipe_diff`), and optionally writes colour overlays of the first
-images.
+images (from the evaluation's own predictions: one pass over the images).
 """
 
 from __future__ import annotations
@@ -21,20 +21,15 @@ import numpy as np
 from torch import nn
 
 import cuda_ops
+from data.atomic import write_bytes_atomic
 from data.provenance import dataset_source
 from models.config import SegmentorConfig
 from pipelines.config.datasets import NO_PUBLISHED_ROW, has_published_row, published_miou
 from pipelines.config.specs import EvalMode, test_pipeline
 from pipelines.engine.distributed import DistInfo
-from pipelines.engine.evaluator import (
-    InferenceSettings,
-    OnPrediction,
-    PrecisionChoice,
-    evaluate,
-    resolve_precision,
-)
-from pipelines.engine.labels import predict_labels
+from pipelines.engine.evaluator import OnPrediction, PrecisionChoice, evaluate, resolve_precision
 from pipelines.engine.precision import apply_tf32
+from pipelines.engine.views import InferenceSettings
 from pipelines.runs import recipe_diff
 from pipelines.runs.inputs import EvalSource, class_names, eval_items, palette, safe_stem
 
@@ -174,7 +169,8 @@ def evaluate_model(
         batch_windows: sliding windows per forward.
         limit: the first N images only.
         progress: a progress bar (rank 0).
-        overlays_dir: where to write colour overlays of the first images (rank 0), or None.
+        overlays_dir: where to write colour overlays of the first images rank 0 evaluates
+            (:class:`OverlayWriter`, in the same pass), or None.
         tf32: TF32 convolutions and matmuls on CUDA (the reference's).
         training_diff: the recorded training recipe diff of the checkpoint's run (its run folder's
             ``recipe_diff.json``), folded into this evaluation's; None for a checkpoint not trained here.
@@ -199,6 +195,8 @@ def evaluate_model(
         else eval_items(config, data, rank=rank, world_size=world, limit=limit, skip_corrupt=skip_corrupt)
     )
     apply_tf32(tf32, device)
+    overlays = OverlayWriter(overlays_dir, config) if overlays_dir is not None and rank == 0 else None
+    callbacks = [c for c in (overlays, on_prediction) if c is not None]
     before = cuda_ops.backend_usage()
     metrics = evaluate(
         model,
@@ -211,24 +209,14 @@ def evaluate_model(
         total=source.total,
         progress=progress and rank == 0,
         distributed=dist_info is not None and dist_info.distributed,
-        on_prediction=on_prediction,
+        on_prediction=_each(callbacks),
     )
     used = cuda_ops.usage_since(before)
     if skip_corrupt:
         metrics["skipped_samples"] = _count_across(len(source.skipped), dist_info)
     per_class = metrics.pop("per_class")
     confusion = metrics.pop("confusion", None)
-    artifacts: list[Path] = []
-    if overlays_dir is not None and rank == 0 and not isinstance(data, EvalSource):
-        artifacts = write_overlays(
-            model,
-            config,
-            data,
-            overlays_dir,
-            pipeline_mode=mode,
-            settings=settings,
-            skip_corrupt=skip_corrupt,
-        )
+    artifacts: list[Path] = overlays.written if overlays is not None else []
     diff = recipe_diff.evaluation_diff(
         config,
         mode=mode,
@@ -273,34 +261,49 @@ def _count_across(count: int, dist_info: DistInfo | None) -> int:
     return int(total.item())
 
 
-def write_overlays(
-    model: nn.Module,
-    config: SegmentorConfig,
-    data: str | Path,
-    out: Path,
-    *,
-    pipeline_mode: EvalMode,
-    settings: InferenceSettings,
-    count: int = NUM_OVERLAYS,
-    skip_corrupt: bool = False,
-) -> list[Path]:
-    """Colour overlays (with a legend) of the first ``count`` validation images, named after their keys
-    (PNG, written atomically)."""
-    import cv2
+def _each(callbacks: list[OnPrediction]) -> OnPrediction | None:
+    """One ``on_prediction`` that calls each of ``callbacks`` in turn (None for none)."""
+    if len(callbacks) <= 1:
+        return callbacks[0] if callbacks else None
 
-    from data.atomic import write_bytes_atomic
-    from pipelines.reporting.visualize import overlay_with_legend
+    def call_each(item: dict[str, Any], pred: np.ndarray) -> None:
+        for callback in callbacks:
+            callback(item, pred)
 
-    out.mkdir(parents=True, exist_ok=True)
-    pipeline = test_pipeline(config, pipeline_mode)
-    device = next(model.parameters()).device
-    paths = []
-    for item in eval_items(config, data, limit=count, skip_corrupt=skip_corrupt).items:
-        pred = predict_labels(
-            model, item["image"], pipeline, settings, num_classes=config.num_classes, device=device
-        )
-        path = out / f"{safe_stem(str(item['key']))}.png"
-        overlay = overlay_with_legend(item["image"], pred, palette(config), class_names(config))
-        write_bytes_atomic(path, cv2.imencode(".png", overlay)[1].tobytes())
-        paths.append(path)
-    return paths
+    return call_each
+
+
+class OverlayWriter:
+    """``on_prediction`` of :func:`evaluate_model` that writes colour overlays (with a legend) of the first
+    ``count`` images it sees, named after their keys, each file atomically: the overlays come from the
+    evaluation's own predictions, in its one pass over the images.
+
+    Args:
+        out: the folder (created).
+        config: the zoo entry (class names and palette).
+        count: how many images.
+
+    Attributes:
+        written: the files written, in order.
+    """
+
+    def __init__(self, out: Path, config: SegmentorConfig, count: int = NUM_OVERLAYS) -> None:
+        self.out = Path(out)
+        self.colors = palette(config)
+        self.names = class_names(config)
+        self.count = count
+        self.written: list[Path] = []
+
+    def __call__(self, item: dict[str, Any], pred: np.ndarray) -> None:
+        if len(self.written) >= self.count:
+            return
+        import cv2
+
+        from pipelines.reporting.visualize import overlay_with_legend
+
+        key = str(item.get("key", f"image_{len(self.written)}"))
+        ok, encoded = cv2.imencode(".png", overlay_with_legend(item["image"], pred, self.colors, self.names))
+        if not ok:
+            raise ValueError(f"{key}: PNG encoding of the overlay failed")
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.written.append(write_bytes_atomic(self.out / f"{safe_stem(key)}.png", encoded.tobytes()))

@@ -139,9 +139,27 @@ class RunFolder:
         except (json.JSONDecodeError, KeyError, TypeError, ValueError):
             return None
 
+    def final_checkpoint(self) -> Path:
+        """The checkpoint a later run starts from (the strategy-2 hand-off): the newest iteration checkpoint,
+        for a finished run the one of its last iteration.
+
+        Not the best one: which checkpoint is best depends on when and on how many images evaluations ran
+        (``eval_interval``, ``eval_limit``), which are not part of the training definition, so the starting
+        weights of the next run would change without anything retraining (docs/reference.md §R2.2).
+
+        Raises:
+            FileNotFoundError: the folder has no iteration checkpoint, naming it.
+        """
+        latest = self.latest_checkpoint()
+        if latest is None:
+            raise FileNotFoundError(
+                f"run folder {self.path} has no iteration checkpoint: train the run first"
+            )
+        return latest
+
     def checkpoint(self, which: Which = "best") -> Path:
-        """The checkpoint to evaluate or to start a later run from: the best one (``best``; the latest when
-        no evaluation has run) or the latest one (``last``).
+        """The checkpoint to evaluate: the best one (``best``; the latest when no evaluation has run) or the
+        latest one (``last``). A later run starts from :meth:`final_checkpoint` instead.
 
         Raises:
             FileNotFoundError: the folder has no checkpoint, naming it.

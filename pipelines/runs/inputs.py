@@ -41,7 +41,8 @@ def model_from_checkpoint(
     ``state``: the checkpoint's content when the caller has already read it (``checkpoint`` still names it).
 
     Raises:
-        ValueError: ``name`` is None and the checkpoint records no zoo entry, or it records another one.
+        ValueError: ``name`` is None and the checkpoint records no zoo entry, or it records another one
+            (:func:`check_recorded_entry`).
     """
     if state is None:
         state = load_checkpoint_file(checkpoint)
@@ -54,9 +55,7 @@ def model_from_checkpoint(
     overrides = dict(state.get("overrides") or {}) if overrides is None else retarget(name, overrides, card)
     if backend is not None:
         overrides = {**overrides, "deform_attn_backend": backend}
-    recorded = state.get("config")
-    if isinstance(recorded, str) and recorded != models.get_config(name).name:
-        raise ValueError(f"{checkpoint} holds weights of {recorded!r}, not {name!r}")
+    check_recorded_entry(state, checkpoint, name)
     config = models.get_config(name, overrides)
     model = models.build_segmentor(config)
     report = load_official_state_dict(model, state, source=str(checkpoint))
@@ -65,17 +64,38 @@ def model_from_checkpoint(
     return model.eval(), config, report
 
 
+def _entry_in(state: dict[str, Any]) -> str | None:
+    meta = state.get("meta")
+    for value in (state.get("config"), meta.get("zoo_entry") if isinstance(meta, dict) else None):
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
 def recorded_entry(state: dict[str, Any], checkpoint: str | Path) -> str:
     """The zoo entry a loaded checkpoint records (``config``; official files keep it in ``meta.zoo_entry``).
 
     Raises:
         ValueError: it records none, naming the file.
     """
-    meta = state.get("meta")
-    for value in (state.get("config"), meta.get("zoo_entry") if isinstance(meta, dict) else None):
-        if isinstance(value, str) and value:
-            return value
-    raise ValueError(f"{checkpoint} records no zoo entry: give the NAME of its zoo entry")
+    entry = _entry_in(state)
+    if entry is None:
+        raise ValueError(f"{checkpoint} records no zoo entry: give the NAME of its zoo entry")
+    return entry
+
+
+def check_recorded_entry(state: dict[str, Any], checkpoint: str | Path, name: str) -> None:
+    """Refuse a checkpoint that records another zoo entry than ``name`` (a file that records none passes).
+
+    Raises:
+        ValueError: naming the file, the entry it records and ``name``.
+    """
+    recorded = _entry_in(state)
+    if recorded is not None and recorded != models.get_config(name).name:
+        raise ValueError(
+            f"{checkpoint} holds weights of zoo entry {recorded!r}, not {name!r}: give {recorded} as NAME, or "
+            "leave NAME out (the file records its entry)"
+        )
 
 
 def check_shards_match(config: SegmentorConfig, root: str | Path) -> None:
@@ -141,7 +161,8 @@ def eval_items(
 
     Each item is ``{"key", "image": (H, W, 3) uint8 BGR, "label": (H, W) train ids}`` at original size. A corrupt
     shard sample is an error naming the shard and the key, or with ``skip_corrupt`` left out (listed in the
-    source's ``skipped``).
+    source's ``skipped``). ``limit``: the first N images of the whole set (over all ranks together), of which
+    this rank takes its share.
     """
     root = Path(data)
     dataset = config.data.dataset
@@ -176,8 +197,11 @@ def eval_items(
         items = generate()
         description = f"official {dataset} folder {root}"
     if limit is not None:
-        total = min(total, limit)
-        items = (item for i, item in zip(range(limit), items, strict=False))
+        # the first ``limit`` images of the whole set: ranks share positions round-robin (rank, rank + world,
+        # ...), so this rank's part of them is its first len(range(rank, limit, world)) items
+        own = len(range(rank, limit, world_size))
+        total = min(total, own)
+        items = (item for _, item in zip(range(own), items, strict=False))
     return EvalSource(items=items, total=total, description=description, skipped=skipped)
 
 

@@ -8,7 +8,7 @@ are still written (:class:`PredictionResult`).
 
 The model is the PyTorch segmentor or anything called like its ``forward`` (an
 :class:`pipelines.engine.onnx_session.OnnxSegmentor`): the same test pipeline, sliding windows and view
-averaging run around it (:func:`pipelines.engine.evaluator.predict_probabilities`).
+averaging run around it (:func:`pipelines.engine.views.predict_probabilities`).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from torch import nn
 
 from models.config import SegmentorConfig
 from pipelines.config.specs import EvalMode, test_pipeline
-from pipelines.engine.evaluator import InferenceSettings
 from pipelines.engine.labels import predict_labels
+from pipelines.engine.views import InferenceSettings
 from pipelines.runs.inputs import class_names, palette, safe_stem
 
 log = logging.getLogger(__name__)

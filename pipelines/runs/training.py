@@ -59,10 +59,10 @@ class RunSpec:
         knobs: the run-level knobs (iterations, batch, precision, ...).
         overrides: zoo overrides by full path (:func:`models.zoo.resolved_overrides`), recorded in checkpoints.
         init_from: strategy-2 stage checkpoint: ``"auto"`` (for entries with a stage 1: the stage run's
-            best checkpoint under ``runs_dir``, else the released file in ``weights_dir``), ``"none"``, or
-            a file path (any entry: the run starts from that checkpoint of the same architecture; the
-            class-dependent layers start fresh when its classes differ, any other missing or mis-shaped key is
-            an error).
+            final checkpoint under ``runs_dir``, else the released file in ``weights_dir``), ``"none"``, a
+            run folder (its final checkpoint; the pipeline's hand-off) or a file path (any entry: the run
+            starts from that checkpoint of the same architecture; the class-dependent layers start fresh when
+            its classes differ, any other missing or mis-shaped key is an error).
         weights_dir: folder of pretrained and released files.
         runs_dir: folder of run folders (for ``init_from="auto"``).
         device: ``auto``, ``cpu`` or ``cuda``.
@@ -108,24 +108,57 @@ def _load_pretrained(model: nn.Module, config: SegmentorConfig, spec: RunSpec) -
     return {"file": str(path), "sha256": digest, "resized": resized, **report.to_dict()}
 
 
+def stage_run_folder(config: SegmentorConfig, spec: RunSpec) -> RunFolder | None:
+    """The run folder a strategy-2 run starts from: ``init_from`` naming a folder (the pipeline's hand-off from
+    the run its ``init_from`` names), or, for ``"auto"``, the stage's folder under ``runs_dir`` once it holds an
+    iteration checkpoint; None for a checkpoint file, the released file or no stage."""
+    if spec.init_from not in ("auto", "none"):
+        given = Path(spec.init_from)
+        return RunFolder(given) if given.is_dir() else None
+    if spec.init_from == "none" or config.pretrained.init_from is None:
+        return None
+    stage = RunFolder(spec.runs_dir / config.pretrained.init_from)
+    return stage if stage.latest_checkpoint() is not None else None
+
+
 def stage_checkpoint_path(config: SegmentorConfig, spec: RunSpec) -> Path | None:
-    """The checkpoint a strategy-2 run starts from, or None when the entry has no stage 1."""
+    """The checkpoint a strategy-2 run starts from, or None when the entry has no stage 1.
+
+    From a run folder (:func:`stage_run_folder`) it is the run's final checkpoint
+    (:meth:`pipelines.runs.folder.RunFolder.final_checkpoint`), never the best-mIoU one: the starting weights
+    follow from the stage's training definition alone (docs/reference.md §R2.2).
+    """
     recipe = config.pretrained
+    folder = stage_run_folder(config, spec)
+    if folder is not None:
+        return folder.final_checkpoint()
     if spec.init_from not in ("auto", "none"):
         return Path(spec.init_from)  # an explicit checkpoint, also for entries without a stage 1
     if recipe.init_from is None or spec.init_from == "none":
         return None
-    stage = RunFolder(spec.runs_dir / recipe.init_from)
-    found = stage.best_checkpoint() or stage.latest_checkpoint()
-    if found is not None:
-        return found
     if recipe.init_from_file and (spec.weights_dir / recipe.init_from_file).is_file():
         return spec.weights_dir / recipe.init_from_file
+    stage = RunFolder(spec.runs_dir / recipe.init_from)
     raise FileNotFoundError(
         f"{config.name} starts from the {recipe.init_from} stage (docs/reference.md §R2.2): train that stage "
         f"first (its run folder {stage.path}) or download {recipe.init_from_url} (unzip it) "
         f"to {spec.weights_dir / (recipe.init_from_file or '')}; or pass init_from='none'"
     )
+
+
+def check_finished_stage(state: dict[str, Any], source: Path) -> None:
+    """Refuse a stage checkpoint from a run folder that stopped before its planned iterations.
+
+    Raises:
+        ValueError: naming the checkpoint, its iteration and the planned ones.
+    """
+    planned = (state.get("plan") or {}).get("schedule", {}).get("max_iters")
+    iteration = state.get("iteration")
+    if isinstance(planned, int) and isinstance(iteration, int) and iteration < planned:
+        raise ValueError(
+            f"{source}: the stage run stopped at iteration {iteration} of {planned}; a later run starts from "
+            f"the stage's final checkpoint (docs/reference.md §R2.2): finish its training first (rerun it)"
+        )
 
 
 def load_stage(model: nn.Module, path: Path) -> LoadReport:
@@ -153,12 +186,22 @@ def checkpoint_classes(state: dict[str, Any]) -> tuple[str, ...] | None:
         return None
 
 
-def init_from_checkpoint(model: nn.Module, config: SegmentorConfig, path: Path, keys: dict[str, Any]) -> None:
+def init_from_checkpoint(
+    model: nn.Module,
+    config: SegmentorConfig,
+    path: Path,
+    keys: dict[str, Any],
+    *,
+    finished_stage: bool = False,
+) -> None:
     """Start ``model`` from the checkpoint ``path`` (a strategy-2 stage, or any checkpoint of the same
     architecture, e.g. to fine-tune on a card): every entry must match in name and shape except the
     class-dependent layers, which start fresh when the classes differ (:func:`models.finetune.load_init_checkpoint`);
-    the key report records what was loaded and what was re-initialised."""
+    the key report records what was loaded and what was re-initialised. ``finished_stage``: ``path`` is a
+    stage run's final checkpoint, which must come from a run that reached its planned iterations."""
     state = load_checkpoint_file(path)
+    if finished_stage:
+        check_finished_stage(state, path)
     recorded = checkpoint_classes(state)
     ours = tuple(class_names(config))
     same = None if recorded is None else (recorded == ours)
@@ -182,7 +225,9 @@ def build_model(spec: RunSpec, config: SegmentorConfig) -> tuple[nn.Module, dict
     keys: dict[str, Any] = {"config": config.name, "overrides": spec.overrides}
     stage = stage_checkpoint_path(config, spec)
     if stage is not None:
-        init_from_checkpoint(model, config, stage, keys)
+        init_from_checkpoint(
+            model, config, stage, keys, finished_stage=stage_run_folder(config, spec) is not None
+        )
     else:
         keys["pretrained"] = _load_pretrained(model, config, spec)
     return model, keys

@@ -15,8 +15,8 @@ import torch
 import models
 from pipelines.config import specs
 from pipelines.engine.checkpoints import save_checkpoint_file
-from pipelines.engine.evaluator import InferenceSettings, predict_probabilities
 from pipelines.engine.labels import predict_labels
+from pipelines.engine.views import InferenceSettings, predict_probabilities
 
 UPERNET = "upernet_deit_adapter_tiny_512_160k_ade20k"
 M2F = "mask2former_beit_adapter_large_640_160k_ade20k"

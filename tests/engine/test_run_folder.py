@@ -3,6 +3,7 @@ a torn log line and orphaned temporaries after a kill, Ctrl-C, out-of-range knob
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -267,3 +268,44 @@ def test_the_recipe_grad_clip_is_applied(twin: Path, tmp_path: Path) -> None:
 
     # Adam moves every weight by about lr * g / (|g| + eps): a gradient clipped far below eps barely moves it
     assert moved(1e-12) < 1e-3 * moved(None)
+
+
+def test_a_later_run_starts_from_the_final_checkpoint_whatever_the_evaluations(tmp_path: Path) -> None:
+    """The strategy-2 hand-off follows the training definition alone: the stage run's final checkpoint, never
+    its best-mIoU one (which depends on when and on how many images evaluations ran)."""
+    from micro_params import micro_params, write_params
+    from pipelines.config.params import load_params
+    from pipelines.orchestration.stages import run_spec
+    from pipelines.runs.training import check_finished_stage, stage_checkpoint_path
+
+    params = micro_params()
+    params["paths"] = {key: str(tmp_path / value) for key, value in params["paths"].items()}
+    params["tracking"] = {**params["tracking"], "enabled": False}
+    stage = params["runs"]["tiny"]
+    stage["train"].update(max_iters=4, eval_interval=2, checkpoint_interval=2, keep_checkpoints=2)
+    params["runs"]["later"] = {**copy.deepcopy(stage), "init_from": "tiny"}
+    path = write_params(tmp_path / "params.yaml", params)
+    assert main(["pipeline", "prepare", "ade20k", "--params", str(path)]) == 0
+    assert main(["pipeline", "train", "tiny", "--params", str(path)]) == 0
+    folder = tmp_path / "artifacts" / "runs" / "tiny"
+    assert (
+        folder / "best_mIoU.pth"
+    ).is_file()  # two evaluations chose a best one: not what the next run takes
+
+    def handoff(params_file: Path) -> Path:
+        loaded = load_params(params_file)
+        spec = run_spec(loaded, "later")
+        return stage_checkpoint_path(spec.config(), spec)
+
+    assert handoff(path) == folder / "iter_0000004.pth"
+    definition = load_params(path).training_definition("later")
+    # other evaluation settings of the stage: neither run's definition changes, nor the starting weights
+    stage["train"].update(eval_interval=1, eval_limit=1)
+    stage["eval"]["limit"] = 1
+    write_params(path, params)
+    assert load_params(path).training_definition("later") == definition
+    assert handoff(path) == folder / "iter_0000004.pth"
+    # a stage that stopped before its planned iterations is not a stage to start from
+    with pytest.raises(ValueError, match=r"stopped at iteration 2 of 4.*finish its training first"):
+        check_finished_stage(load_checkpoint_file(folder / "iter_0000002.pth"), folder / "iter_0000002.pth")
+    check_finished_stage(load_checkpoint_file(folder / "iter_0000004.pth"), folder / "iter_0000004.pth")

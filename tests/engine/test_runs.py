@@ -202,10 +202,13 @@ def test_stage_two_without_its_stage_checkpoint_names_what_to_do(twin: Path, tmp
         "mask2former_beit_adapter_large_896_80k_cocostuff164k.zip" in message
         and "init_from='none'" in message
     )
-    best = tmp_path / "runs" / "mask2former_beit_adapter_large_896_80k_cocostuff164k" / "best_mIoU.pth"
-    best.parent.mkdir(parents=True)
-    best.write_bytes(b"x")
-    assert stage_checkpoint_path(config, spec) == best
+    # the stage's run folder: its final (newest iteration) checkpoint, never the best-mIoU one (that one
+    # depends on evaluation settings outside the training definition)
+    stage = tmp_path / "runs" / "mask2former_beit_adapter_large_896_80k_cocostuff164k"
+    stage.mkdir(parents=True)
+    for name in ("best_mIoU.pth", "iter_0000008.pth", "iter_0000010.pth"):
+        (stage / name).write_bytes(b"x")
+    assert stage_checkpoint_path(config, spec) == stage / "iter_0000010.pth"
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
@@ -219,11 +222,12 @@ def test_low_precision_training_runs(twin: Path, tmp_path: Path, precision: str)
 
 
 def test_distributed_evaluation_counts_each_image_once(twin: Path, tmp_path: Path) -> None:
+    """Two processes under torchrun evaluate disjoint shares; ``--limit N`` is N images of the whole
+    evaluation (the first N, split between the processes), not N per process."""
     torch.manual_seed(0)
     model = tiny_model(NAME)
     checkpoint = save_checkpoint_file({"state_dict": model.state_dict()}, tmp_path / "model.pth")
     sets = cli_model_args()
-    single = tmp_path / "single.json"
     args = [
         "evaluate",
         "--no-tracking",
@@ -235,7 +239,9 @@ def test_distributed_evaluation_counts_each_image_once(twin: Path, tmp_path: Pat
         "--no-progress",
         *sets,
     ]
-    assert main([*args, "--out", str(single)]) == 0
+    whole, single = tmp_path / "whole.json", tmp_path / "single.json"
+    assert main([*args, "--out", str(whole)]) == 0
+    assert main([*args, "--limit", "3", "--out", str(single)]) == 0
     launcher = [
         sys.executable,
         "-m",
@@ -247,13 +253,14 @@ def test_distributed_evaluation_counts_each_image_once(twin: Path, tmp_path: Pat
     ]
     double = tmp_path / "double.json"
     run = subprocess.run(
-        [*launcher, "-m", "pipelines.cli", *args, "--out", str(double)],
+        [*launcher, "-m", "pipelines.cli", *args, "--limit", "3", "--out", str(double)],
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    one, two = json.loads(single.read_text()), json.loads(double.read_text())
-    assert one["num_images"] == two["num_images"] == 5
+    everything, one, two = (json.loads(f.read_text()) for f in (whole, single, double))
+    assert everything["num_images"] == 5
+    assert one["num_images"] == two["num_images"] == 3  # ranks 0 and 1 took 2 and 1 of the first 3
     for key in ("aAcc", "mIoU", "mAcc"):
         assert two[key] == pytest.approx(one[key], abs=1e-9)

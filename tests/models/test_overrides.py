@@ -125,3 +125,88 @@ def test_preset_then_overrides_field_by_field() -> None:
     assert changed.backbone.trunk.embed_dim == 128 and changed.decode_head.num_queries == 16
     with pytest.raises(ValueError, match="unknown preset 'huge'; known presets: tiny"):
         models.get_config(NAME, preset="huge")
+
+
+# how people write numbers (the reference configs' own lr=6e-5): YAML 1.1 reads these as strings
+@pytest.mark.parametrize(
+    ("item", "path", "expected"),
+    [
+        ("lr=6e-5", ("optimizer", "lr"), 6e-5),
+        ("lr=1e-4", ("optimizer", "lr"), 1e-4),
+        ("lr=1e12", ("optimizer", "lr"), 1e12),
+        ("lr=1.0e12", ("optimizer", "lr"), 1e12),
+        ("optimizer.weight_decay=1E3", ("optimizer", "weight_decay"), 1e3),
+        ("drop_path_rate=.5", ("backbone", "trunk", "drop_path_rate"), 0.5),
+        ("lr=1.0e+12", ("optimizer", "lr"), 1e12),  # the one spelling YAML 1.1 reads as a float itself
+        ("lr=2", ("optimizer", "lr"), 2.0),
+        ("optimizer.betas=[0.9, 9.99e-1]", ("optimizer", "betas"), (0.9, 0.999)),
+    ],
+)
+def test_every_float_field_takes_python_float_literals(
+    item: str, path: tuple[str, ...], expected: object
+) -> None:
+    from pipelines.config.overrides import parse_set_options
+
+    config = models.get_config(NAME, parse_set_options([item]))
+    value = config
+    for name in path:
+        value = getattr(value, name)
+    assert value == expected and type(value) is type(expected)
+    assert all(type(v) is float for v in (value if isinstance(value, tuple) else (value,)))
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        ("lr=inf", r"override optimizer\.lr: inf is out of range \(a finite number above 0\)"),
+        ("lr=-inf", r"override optimizer\.lr: -inf is out of range"),
+        ("lr=nan", r"override optimizer\.lr: nan is out of range"),
+        ("lr=.inf", r"override optimizer\.lr: inf is out of range"),  # YAML's own spelling of infinity
+        ("lr=0", r"override optimizer\.lr: 0\.0 is out of range \(above 0\)"),
+        ("drop_path_rate=1.5", r"drop_path_rate: 1\.5 is out of range \(at least 0 and below 1\)"),
+        ("optimizer.betas=[0.9, inf]", r"optimizer\.betas: \(0\.9, inf\) is out of range"),
+        ("lr=6e-5x", r"override optimizer\.lr='6e-5x': expected float"),
+        ("lr=true", r"override optimizer\.lr=True: expected float"),
+    ],
+)
+def test_non_finite_and_out_of_range_numbers_are_refused(item: str, message: str) -> None:
+    from pipelines.config.overrides import parse_set_options
+
+    with pytest.raises(OverrideError, match=message):
+        models.get_config(NAME, parse_set_options([item]))
+
+
+def test_set_on_the_command_line_takes_6e_5(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["configs", "show", NAME, "--set", "lr=6e-5", "--set", "optimizer.weight_decay=5e-2"]) == 0
+    shown = capsys.readouterr().out
+    assert '"lr": 6e-05' in shown and '"weight_decay": 0.05' in shown
+
+
+def test_params_yaml_and_the_overrides_check_values_with_one_checker() -> None:
+    """pipelines.config.strict (params.yaml, the knob flags) and models.overrides give the same verdict and the
+    same message for the same value and type: one checker (models/values.py), two error classes."""
+    from typing import Literal
+
+    from models.overrides import check_value
+    from pipelines.config.strict import ParamsError, convert
+
+    cases = [
+        ("6e-5", float),
+        ("fast", float),
+        (True, int),
+        (3, float),
+        ("sliding", Literal["slide", "whole"]),
+        ([1, 2, 3], tuple[int, int]),
+        ([64, "64"], tuple[int, int]),
+        (["ss", "ms"], tuple[Literal["ss", "ms"], ...]),
+        (None, int | None),
+        ("x", int | None),
+    ]
+    for value, annotation in cases:
+        verdicts = []
+        for check, error in ((convert, ParamsError), (check_value, OverrideError)):
+            try:
+                verdicts.append(("ok", check(value, annotation, "key")))
+            except error as err:
+                verdicts.append(("refused", str(err)))
+        assert verdicts[0] == verdicts[1], (value, annotation, verdicts)

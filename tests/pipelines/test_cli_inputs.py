@@ -263,6 +263,16 @@ def test_checkpoint_export_and_import_take_the_name_from_the_checkpoint(
     assert main(["checkpoint", "export", NAME, str(bare), str(bare), "--out", str(tmp_path / "y.pth")]) == 1
     assert "give [NAME] SRC, got 3 positional arguments" in caplog.text
 
+    # a file recording another entry is never converted under NAME, even where the shapes would fit (the
+    # AugReg-T entry has the tiny DeiT's layout): an error naming both, and nothing written
+    other = "upernet_augreg_adapter_tiny_512_160k_ade20k"
+    for action, source in (("export", checkpoint), ("import", official), ("export", official)):
+        caplog.clear()
+        out = tmp_path / f"{action}-{source.stem}-as-other.pth"
+        assert main(["checkpoint", action, other, str(source), "--out", str(out), "--preset", "tiny"]) == 1
+        assert f"{source} holds weights of zoo entry {NAME!r}, not {other!r}" in caplog.text
+        assert not out.exists()
+
 
 def test_predict_never_writes_into_a_folder_it_did_not_write(
     tmp_path: Path, caplog: pytest.LogCaptureFixture

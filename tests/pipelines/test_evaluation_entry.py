@@ -100,3 +100,44 @@ def test_the_backend_knob_reaches_the_model_and_the_environment_decides_auto(
         )
         == 0
     )
+
+
+def test_overlays_are_drawn_from_the_evaluation_pass_itself(tmp_path: Path) -> None:
+    """Writing overlays adds no pass over the images: the model runs exactly as often, and the overlays of the
+    first images show the predictions the metrics were computed from."""
+    import cv2
+    import torch
+
+    from micro_params import ade_twin_shards, tiny_config, tiny_model
+    from pipelines.reporting.visualize import overlay_with_legend
+    from pipelines.runs.inputs import class_names, eval_items, palette
+
+    name = "upernet_deit_adapter_tiny_512_160k_ade20k"
+    data = ade_twin_shards(
+        tmp_path, num_train=2, num_val=3, seed=3, min_size=64, max_size=80, num_classes_used=4
+    )
+    torch.manual_seed(0)
+    model, config = tiny_model(name), tiny_config(name)
+    forwards: list[int] = []
+    model.register_forward_hook(lambda *_: forwards.append(1))
+    predictions: dict[str, object] = {}
+
+    def keep(item: dict, pred: object) -> None:
+        predictions[str(item["key"])] = pred
+
+    plain = evaluation.evaluate_model(model, config, data, mode="ss")
+    alone = len(forwards)
+    forwards.clear()
+    drawn = evaluation.evaluate_model(
+        model, config, data, mode="ss", overlays_dir=tmp_path / "overlays", on_prediction=keep
+    )
+    assert len(forwards) == alone > 0 and drawn.metrics == plain.metrics
+    assert [p.name for p in drawn.artifacts] == [f"{key}.png" for key in list(predictions)[:2]]
+    images = {str(item["key"]): item["image"] for item in eval_items(config, data).items}
+    for path in drawn.artifacts:
+        expected = overlay_with_legend(
+            images[path.stem], predictions[path.stem], palette(config), class_names(config)
+        )
+        assert (
+            cv2.imread(str(path)) == expected
+        ).all()  # a PNG is lossless: the overlay of that very prediction

@@ -272,7 +272,11 @@ def test_torchrun_training_failures_are_retried(
         taken.listen()
         monkeypatch.setenv("PET_MASTER_PORT", str(taken.getsockname()[1]))
         state = train_only(return_state=True)
-    assert state.is_failed() and "CalledProcessError" in state.message
+    assert (
+        state.is_failed()
+        and "TrainingProcessError" in state.message
+        and "exited with status" in state.message
+    )
     (task,) = _task_runs(state.state_details.flow_run_id)
     assert task.name == "train-tiny" and task.run_count == 3
 

@@ -27,14 +27,14 @@ def test_micro_params_load() -> None:
     ("change", "message"),
     [
         ({"trackingg": {}}, "unknown key 'trackingg'"),
-        ({"tracking": {"uri": 3}}, r"tracking\.uri: expected str, got int 3"),
+        ({"tracking": {"uri": 3}}, r"tracking\.uri=3: expected str"),
         (
             {"runs": {"tiny": {**MICRO["runs"]["tiny"], "train": {"max_iters": "many"}}}},
             r"runs\.tiny\.train\.max_iters",
         ),
         (
             {"runs": {"tiny": {**MICRO["runs"]["tiny"], "train": {"precision": "fp8"}}}},
-            r"'fp8' is not one of",
+            r"runs\.tiny\.train\.precision='fp8': allowed values are 'fp32', 'bf16', 'fp16'",
         ),
         ({"runs": {"tiny": {**MICRO["runs"]["tiny"], "epochs": 3}}}, r"runs\.tiny: unknown key 'epochs'"),
         (
@@ -87,6 +87,36 @@ def test_bad_params_name_the_key(tmp_path: Path, change: dict, message: str) -> 
     path = write_params(tmp_path / "params.yaml", micro_params(**change))
     with pytest.raises(ParamsError, match=message):
         load_params(path)
+
+
+@pytest.mark.parametrize(
+    ("written", "expected"),
+    [("6e-5", 6e-5), ("1e-4", 1e-4), ("1e12", 1e12), ("1.0e12", 1e12), ("1E3", 1e3), (".5", 0.5), ("2", 2.0)],
+)
+def test_params_yaml_takes_numbers_as_people_write_them(
+    tmp_path: Path, written: str, expected: float
+) -> None:
+    """YAML 1.1 reads ``6e-5`` (no dot, no signed exponent) as a string: a float field takes it all the same."""
+    text = yaml.safe_dump(micro_params(), sort_keys=False).replace(
+        "optimizer.lr: 0.001", f"optimizer.lr: {written}"
+    )
+    assert f"optimizer.lr: {written}\n" in text
+    (tmp_path / "params.yaml").write_text(text)
+    params = load_params(tmp_path / "params.yaml")
+    lr = params.run("tiny").model_config().optimizer.lr
+    assert lr == expected and type(lr) is float
+
+
+@pytest.mark.parametrize("written", [".inf", "inf", "-.inf", ".nan", "nan", "0"])
+def test_params_yaml_refuses_a_learning_rate_out_of_its_range(tmp_path: Path, written: str) -> None:
+    text = yaml.safe_dump(micro_params(), sort_keys=False).replace(
+        "optimizer.lr: 0.001", f"optimizer.lr: {written}"
+    )
+    (tmp_path / "params.yaml").write_text(text)
+    with pytest.raises(
+        ParamsError, match=r"runs\.tiny\.overrides: override optimizer\.lr: \S+ is out of range"
+    ):
+        load_params(tmp_path / "params.yaml")
 
 
 def test_missing_and_unreadable_params(tmp_path: Path) -> None:

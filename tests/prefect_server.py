@@ -1,0 +1,96 @@
+"""A real ``prefect server start`` (and worker) on loopback for tests: started, checked healthy, stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+BIN = Path(sys.executable).parent
+SERVER_START_TIMEOUT_S = 180
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def prefect_env(home: Path, url: str, **more: str) -> dict[str, str]:
+    """The environment of a Prefect client, server or worker of the tests (``home`` is created)."""
+    home.mkdir(parents=True, exist_ok=True)
+    return {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": url,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+        "PREFECT_CLI_PROMPT": "false",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        **more,
+    }
+
+
+def api(url: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    request = urllib.request.Request(
+        f"{url}{path}",
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+        method="GET" if body is None else "POST",
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def start_server(url: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """``prefect server start`` on the port of ``url``, in a session of its own, healthy when this returns."""
+    port = url.rsplit(":", 1)[1].split("/")[0]
+    with log.open("ab") as out:
+        server = subprocess.Popen(
+            [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", port],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"prefect server exited {server.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if api(url, "/health") is True:
+                return server
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.5)
+    stop(server)
+    pytest.fail(f"prefect server not healthy after {SERVER_START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
+
+
+def kill_group(process: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
+    """Signal the process group of ``process`` (started with ``start_new_session``) and reap it."""
+    if process.poll() is None:
+        os.killpg(process.pid, sig)
+        process.wait(timeout=60)
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the process group we started, then SIGKILL what is left after a grace period."""
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
