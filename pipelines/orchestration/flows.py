@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import subprocess
@@ -27,6 +28,7 @@ import urllib.error
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -35,7 +37,7 @@ from prefect.runtime import flow_run
 from prefect.states import State
 
 from pipelines.config.params import DEFAULT_PATHS, Params, ParamsError, load_params
-from pipelines.orchestration import stages
+from pipelines.orchestration import nodes, stages
 from pipelines.orchestration.tracked import FLOW_RUN_ENV
 from pipelines.runs.folder import signature_of
 from pipelines.runs.weights import WeightsNotFoundError
@@ -334,3 +336,54 @@ def pipeline_flow(params_file: str = "params.yaml") -> dict[str, Any]:
 
 
 FLOWS = {"experiment": experiment_flow, "two-stage": two_stage_flow, "pipeline": pipeline_flow}
+
+
+# -- the other nodes of a multi-node Kubernetes job (pipelines/orchestration/nodes.py) ----------------
+
+
+def observe_flow_run(flow_run_id: str) -> nodes.FlowRunView | None:
+    """The flow run and its train task runs as the Prefect API reports them (None when it did not answer).
+
+    Raises:
+        prefect.exceptions.ObjectNotFound: no flow run has this id.
+    """
+    import httpx
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        TaskRunFilter,
+        TaskRunFilterName,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    try:
+        with get_client(sync_client=True) as client:
+            run = client.read_flow_run(UUID(flow_run_id))
+            task_runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])),
+                task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_=nodes.TRAIN_TASK_PREFIX)),
+            )
+    except (httpx.HTTPError, OSError) as error:
+        logging.getLogger(__name__).warning("the Prefect API did not answer: %s", error)
+        return None
+    attempts = tuple(
+        nodes.TrainAttempt(
+            task_run_id=str(task_run.id),
+            run=task_run.name.removeprefix(nodes.TRAIN_TASK_PREFIX),
+            attempt=task_run.run_count,
+            running=task_run.state_type == StateType.RUNNING,
+        )
+        for task_run in task_runs
+        if task_run.name.startswith(nodes.TRAIN_TASK_PREFIX)
+    )
+    return nodes.FlowRunView(
+        params_file=str(run.parameters.get("params_file", "params.yaml")),
+        finished=run.state is not None and run.state.is_final(),
+        attempts=attempts,
+    )
+
+
+def follow_flow_run(flow_run_id: str) -> int:
+    """Join the torchrun launches of flow run ``flow_run_id`` from this node until it ends (exit status)."""
+    return nodes.Follower(lambda: observe_flow_run(flow_run_id)).run()
