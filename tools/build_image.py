@@ -13,8 +13,9 @@
    folder mounted on ``/opt/vitadapter/artifacts``: the image's configuration (non-root user, entry point,
    volume), nothing but ``params.yaml`` in its working folder, ``vitadapter --version``,
    ``vitadapter configs list``, a Kubernetes pod's entry command (``vitadapter flow node -- prefect
-   version``), the flows' module and prefect-kubernetes importing, and two training iterations of the tiny preset on a synthetic ADE20K
-   twin (synthesize, prepare, train), whose checkpoint and logs must appear in the host folder.
+   version``), the flows' module and prefect-kubernetes importing, and two training iterations of the
+   tiny preset on a synthetic ADE20K twin (synthesize, prepare, train), whose checkpoint and logs must
+   appear in the host folder.
 
 It ends with one line naming the image, its size and the build time, and writes the same as JSON to
 ``WORK/image-report.json``. Needs root (buildah's chroot isolation, debootstrap) and, for a fresh base,
@@ -217,7 +218,7 @@ def stage_extras(wheels: Path | None, cert: Path | None) -> list[Path]:
 def build(tag: str, base: str, log_file: Path) -> float:
     """``buildah bud`` of the Dockerfile; returns the seconds it took (its output also goes to ``log_file``)."""
     command = [
-        "buildah", "bud", "--isolation", "chroot", "--layers", "--pull=false",
+        "buildah", "bud", "--isolation", "chroot", "--layers", "--force-rm", "--pull=false",
         "--build-arg", f"BASE={base}", "-f", str(REPO / "Dockerfile"), "-t", tag, str(REPO),
     ]  # fmt: skip
     log.info("building %s on %s (log: %s)", tag, base, log_file)

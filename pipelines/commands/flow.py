@@ -141,6 +141,8 @@ def _node(args: argparse.Namespace) -> int:
         )
         return 2
     configure_prefect_environment()
+    # this node's log lines stay in the pod's log: they belong to no flow run of their own
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
     if args.verbose < 2:
         logging.getLogger("httpx").setLevel(logging.WARNING)
     from pipelines.orchestration.flows import follow_flow_run

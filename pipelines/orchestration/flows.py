@@ -176,7 +176,7 @@ def weights_task(params_file: str, runs: list[str]) -> dict[str, Any]:
 
 @task(
     name="train",
-    task_run_name="train-{run}",
+    task_run_name=nodes.TRAIN_TASK_PREFIX + "{run}",  # the other nodes of a Kubernetes job look for it
     retries=TRAIN_RETRIES,
     retry_delay_seconds=TRAIN_RETRY_DELAYS_S,
     retry_condition_fn=_retry_training,

@@ -13,6 +13,9 @@ Every other node follows the flow run through the Prefect API (:func:`follow`): 
 in failure while that attempt still runs (pod 0's rendezvous may not be up yet); a launch still waiting
 when the attempt has ended is stopped; a retried attempt is joined afresh. When the flow run has ended
 the node exits 0: the flow run's state is node 0's to report.
+
+The c10d rendezvous ignores ``--node-rank``: torchrun numbers the nodes by their host names, and pod 0's
+(``<job>-0``) sorts first, so pod 0 is node 0 and its first process global rank 0, the one that reports.
 """
 
 from __future__ import annotations

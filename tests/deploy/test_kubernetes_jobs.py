@@ -306,10 +306,11 @@ def test_pool_and_deployments_on_a_real_server(server: Server) -> None:
         variables = deployment["job_variables"]
         assert variables["image"] == IMAGE and variables["mlflow_tracking_uri"] == MLFLOW_URI
         assert (variables["gpus"], variables["nodes"]) == (8, 1)
-    # the pool's schema refuses what a job could not run with: an empty image (VITADAPTER_IMAGE unset at
-    # `prefect deploy`), GPUs that are not a count, no node
+    # the pool's schema refuses what a job could not run with: an empty image or tracking URI (what
+    # VITADAPTER_IMAGE / MLFLOW_TRACKING_URI unset at `prefect deploy` give), GPUs that are not a count,
+    # no node
     base = {key: found[0][key] for key in ("flow_id", "work_pool_name")}
-    for wrong in ({"image": ""}, {"gpus": "eight"}, {"nodes": 0}, {"gpus": -1}):
+    for wrong in ({"image": ""}, {"mlflow_tracking_uri": ""}, {"gpus": "eight"}, {"nodes": 0}, {"gpus": -1}):
         body = {
             **base,
             "name": f"k8s-wrong-{next(iter(wrong))}",

@@ -3,10 +3,11 @@ command, and (slow) a two-node training where two local processes stand in for p
 
 The two-node test runs what the rendered Job runs in each pod (``vitadapter flow node -- prefect flow-run
 execute`` with NODE_RANK, MASTER_ADDR, MASTER_PORT, VITADAPTER_GPUS, VITADAPTER_NODES and the worker's
-PREFECT__FLOW_RUN_ID) against a real Prefect server: pod 0 executes the flow run, whose train task
-launches torchrun as node 0 of 2; pod 1 follows the flow run through the API and joins that launch as
-node 1. The differences from a cluster: both "pods" are processes on 127.0.0.1 (MASTER_ADDR is loopback,
-not pod 0's DNS name under the headless Service) and train on CPU (gloo, one process per node).
+PREFECT__FLOW_RUN_ID) against a real Prefect server: pod 0 executes the experiment flow run (prepare,
+weights, train, evaluate, compare), whose train task launches torchrun as node 0 of 2; pod 1 follows the
+flow run through the API, joins that launch as node 1 and exits when the flow run ends. The differences
+from a cluster: both "pods" are processes on 127.0.0.1 (MASTER_ADDR is loopback, not pod 0's DNS name
+under the headless Service) and train on CPU (gloo, one process per node).
 """
 
 from __future__ import annotations
@@ -166,20 +167,20 @@ def test_two_pods_train_one_run_together(tmp_path: Path) -> None:
             assert server.poll() is None and time.monotonic() < deadline, logs["server"].read_text()[-3000:]
             time.sleep(0.5)
         # a deployment as prefect.yaml's k8s ones are (the installed module, a working folder), and a flow run
-        flow = _api(url, "/flows/", {"name": "stage"})
+        flow = _api(url, "/flows/", {"name": "experiment"})
         deployment = _api(
             url,
             "/deployments/",
             {
                 "name": "two-pods",
                 "flow_id": flow["id"],
-                "entrypoint": "pipelines.orchestration.flows:stage_flow",
+                "entrypoint": "pipelines.orchestration.flows:experiment_flow",
                 "pull_steps": [
                     {"prefect.deployments.steps.set_working_directory": {"directory": str(tmp_path)}}
                 ],
             },
         )
-        parameters = {"stage": "train", "run": "tiny", "params_file": str(params_file)}
+        parameters = {"run": "tiny", "params_file": str(params_file)}
         flow_run = _api(url, f"/deployments/{deployment['id']}/create_flow_run", {"parameters": parameters})
         rendezvous = str(_free_port())
         for rank in (0, 1):  # the environment the rendered Job gives pod `rank` (the Service name aside)
@@ -223,10 +224,14 @@ def test_two_pods_train_one_run_together(tmp_path: Path) -> None:
         )
         assert [pod.returncode for pod in pods] == [0, 0], detail
         assert _api(url, f"/flow_runs/{flow_run['id']}")["state_type"] == "COMPLETED", detail
-        assert "this node's training has finished" in logs["pod1"].read_text(), detail
+        follower = logs["pod1"].read_text()
+        assert (
+            "run tiny, attempt 1: launch 1" in follower and "this node's training has finished" in follower
+        ), detail
         diff = json.loads((tmp_path / "artifacts" / "runs" / "tiny" / "recipe_diff.json").read_text())
         assert diff["setup"]["plan"]["world_size"] == 2, diff["setup"]  # one process on each of two nodes
         assert (tmp_path / "metrics" / "tiny" / "train.json").is_file()
+        assert (tmp_path / "metrics" / "tiny" / "eval_ss.json").is_file()  # node 0 went on alone to evaluate
     finally:
         for pod in pods:
             _stop(pod)
