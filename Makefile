@@ -9,12 +9,15 @@ PYTEST_ARGS ?=
 QUIET := $(if $(V),,-q)
 # uv is much faster than pip but ignores pip's config: give it the local wheel folder when it exists.
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+# the container image (tools/build_image.py): where /opt/wheels holds the CPU torch, the image takes it
+IMAGE ?= localhost/vitadapter:0.1.0
+IMAGE_WHEELS := $(if $(wildcard /opt/wheels),--wheels /opt/wheels,)
 
 # the tools' telemetry stays off; the pipeline's commands come from the venv
 RUN_ENV := PATH="$(CURDIR)/$(BIN):$$PATH" DVC_NO_ANALYTICS=1 MLFLOW_DISABLE_TELEMETRY=true \
 	PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_HOME="$(CURDIR)/artifacts/prefect-home"
 
-.PHONY: install lint format contracts test test-slow demo shell clean help
+.PHONY: install lint format contracts test test-slow demo shell clean help image image-lock k8s-template
 
 help:
 	@echo "make demo      install into $(VENV) and run the whole pipeline (dvc repro) on the embedded default"
@@ -23,6 +26,9 @@ help:
 	@echo "make lint      ruff check and format check"
 	@echo "make format    ruff format and autofix"
 	@echo "make shell     a shell with the project's environment (vitadapter, dvc, mlflow, prefect on PATH)"
+	@echo "make image     build the container image with buildah and smoke-test it inside ($(IMAGE))"
+	@echo "make image-lock  re-lock the image's dependencies (deploy/image/requirements.lock, from PyPI)"
+	@echo "make k8s-template  regenerate deploy/kubernetes/base-job-template.json from Prefect's default"
 	@echo "make clean     remove the virtual environment and caches"
 
 $(BIN)/python:
@@ -73,6 +79,18 @@ demo: install
 shell: install
 	@echo "entering a shell with $(VENV) activated (exit to leave)"
 	@$(RUN_ENV) VIRTUAL_ENV="$(CURDIR)/$(VENV)" $${SHELL:-bash} -i
+
+# needs root and buildah (debootstrap too where no registry gives the base); the script needs no venv
+image:
+	$(PYTHON) tools/build_image.py --tag $(IMAGE) $(IMAGE_WHEELS)
+
+# linux x86_64, CPython 3.11, PyPI only (so torch is the CUDA build and its nvidia-* libraries are pinned)
+image-lock: install
+	$(BIN)/uv pip compile pyproject.toml deploy/image/build-requirements.in --extra k8s \
+		--python-version 3.11 --python-platform x86_64-manylinux_2_28 -q -o deploy/image/requirements.lock
+
+k8s-template: install
+	$(BIN)/python tools/k8s_job_template.py --write
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,4 +1,5 @@
-"""``vitadapter flow run experiment|two-stage|pipeline``: the Prefect flows of :mod:`pipelines.orchestration.flows`.
+"""``vitadapter flow run experiment|two-stage|pipeline``: the Prefect flows of :mod:`pipelines.orchestration.flows`;
+``vitadapter flow node -- COMMAND``: a pod of the Kubernetes work pool's job (:mod:`pipelines.orchestration.nodes`).
 
 With ``PREFECT_API_URL`` set (or a Prefect profile that sets it) the flow run is recorded on that
 server; otherwise Prefect starts a temporary local server for the run, whose state lives under
@@ -119,6 +120,41 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _node(args: argparse.Namespace) -> int:
+    from pipelines.orchestration.nodes import FLOW_RUN_ID_ENV, NODE_RANK_ENV, node_rank
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    try:
+        rank = node_rank()
+    except ValueError as error:
+        log.error("%s", error)
+        return 2
+    if rank == 0:
+        if not command:
+            log.error("flow node: node 0 runs the flow run's command: give it after --")
+            return 2
+        log.info("node 0: %s", " ".join(command))
+        os.execvp(command[0], command)  # the pod's main process becomes the flow run (signals reach it)
+    flow_run_id = os.environ.get(FLOW_RUN_ID_ENV)
+    if not flow_run_id:
+        log.error(
+            "flow node: %s=%d, but %s is not set (the Prefect worker sets it)",
+            NODE_RANK_ENV,
+            rank,
+            FLOW_RUN_ID_ENV,
+        )
+        return 2
+    configure_prefect_environment()
+    # this node's log lines stay in the pod's log: they belong to no flow run of their own
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+    if args.verbose < 2:
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+    from pipelines.orchestration.flows import follow_flow_run
+
+    log.info("node %d follows flow run %s", rank, flow_run_id)
+    return follow_flow_run(flow_run_id)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "flow",
@@ -151,3 +187,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         with_run=True,
     )
     add("pipeline", "every run of the params file in order, then the report", with_run=False)
+
+    node = actions.add_parser(
+        "node",
+        help="a pod of the Kubernetes work pool's job (deploy/kubernetes/)",
+        description=(
+            "A pod of a Kubernetes job of the vitadapter work pool. Node 0 (NODE_RANK unset or 0) runs "
+            "COMMAND, the flow run (the worker gives `prefect flow-run execute`). Every other node follows "
+            "that flow run (PREFECT__FLOW_RUN_ID) through the Prefect API and joins each torchrun launch "
+            "of its training with its own NODE_RANK (MASTER_ADDR, MASTER_PORT: node 0's rendezvous), "
+            "then exits 0 when the flow run ends."
+        ),
+    )
+    node.add_argument("command", nargs=argparse.REMAINDER, help="-- the flow run's command (node 0)")
+    node.set_defaults(func=_node)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import os
 import typing
 from dataclasses import dataclass, field
@@ -35,6 +36,13 @@ DatasetName = Literal["ade20k", "coco_stuff164k", "pascal_context_59"]
 # ``eval`` and the other ``train`` knobs never make a trained run stale
 TRAINING_KEYS = ("config", "data", "preset", "overrides", "init_from", "gpus", "nodes")
 DEFAULT_PARAMS = Path("params.yaml")
+# A Kubernetes pod's size (deploy/kubernetes/: the work pool's job variables `gpus` and `nodes` set these in
+# every pod), which decides the torchrun launch of each run there; the params file's values are the
+# local ones. Read like MLFLOW_TRACKING_URI, so the flow and torchrun's processes load the same runs.
+LAUNCH_ENVS = {"gpus": ("VITADAPTER_GPUS", 0), "nodes": ("VITADAPTER_NODES", 1)}
+
+log = logging.getLogger(__name__)
+_announced: set[tuple[str, str, int]] = set()
 
 
 @dataclass(frozen=True)
@@ -144,8 +152,9 @@ class RunParams:
             :data:`models.overrides.ALIASES` too), checked like ``--set``.
         init_from: the run whose checkpoint starts this one (strategy 2), ``auto`` (the recipe's stage
             run or released file), ``none``, or a checkpoint path.
-        gpus: GPUs per node for ``torchrun`` (0: one CPU process).
-        nodes: nodes (with ``torchrun --nnodes``).
+        gpus: GPUs per node for ``torchrun`` (0: one CPU process); ``VITADAPTER_GPUS``, when set (a
+            Kubernetes pod's ``gpus``), takes precedence for every run.
+        nodes: nodes (with ``torchrun --nnodes``); ``VITADAPTER_NODES``, when set, takes precedence.
     """
 
     config: str
@@ -285,7 +294,39 @@ def parse_params(raw: Any, *, source: str = "params.yaml") -> Params:
     env_uri = os.environ.get("MLFLOW_TRACKING_URI")
     if env_uri:
         params = dataclasses.replace(params, tracking=dataclasses.replace(params.tracking, uri=env_uri))
-    return params
+    return _launch_from_environment(params, source)
+
+
+def _launch_from_environment(params: Params, source: str) -> Params:
+    """Every run's ``gpus`` / ``nodes`` from :data:`LAUNCH_ENVS` where set (a Kubernetes pod's size).
+
+    Raises:
+        ParamsError: a set variable is not an integer at or above its minimum, naming it.
+    """
+    launch: dict[str, int] = {}
+    for key, (name, minimum) in LAUNCH_ENVS.items():
+        text = os.environ.get(name, "").strip()
+        if not text:
+            continue
+        try:
+            value = int(text)
+        except ValueError:
+            raise ParamsError(f"{name}={text!r} (the pod's {key}): not an integer") from None
+        if value < minimum:
+            raise ParamsError(f"{name}={value} (the pod's {key}): must be >= {minimum}")
+        launch[key] = value
+    if not launch:
+        return params
+    for name, run in params.runs.items():
+        for key, value in launch.items():
+            if getattr(run, key) != value and (name, key, value) not in _announced:
+                _announced.add((name, key, value))  # once per process, not at every load
+                log.warning(
+                    "%s: runs.%s.%s is %s; the pod's %s=%s decides (%s)",
+                    source, name, key, getattr(run, key), LAUNCH_ENVS[key][0], value, key,
+                )  # fmt: skip
+    runs = {name: dataclasses.replace(run, **launch) for name, run in params.runs.items()}
+    return dataclasses.replace(params, runs=runs)
 
 
 def _check_dataset(name: str, dataset: DatasetParams, source: str) -> None:

@@ -34,6 +34,7 @@ import urllib.error
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import httpx
 from prefect import flow, get_run_logger, task
@@ -44,7 +45,7 @@ from prefect.settings import PREFECT_API_URL
 from prefect.states import State
 
 from pipelines.config.params import DEFAULT_PATHS, Params, ParamsError, load_params
-from pipelines.orchestration import stages
+from pipelines.orchestration import nodes, stages
 from pipelines.orchestration.guardian import TrainingProcessError
 from pipelines.orchestration.tracked import FLOW_RUN_ENV
 from pipelines.runs.folder import signature_of
@@ -193,7 +194,7 @@ def weights_task(params_file: str, runs: list[str]) -> dict[str, Any]:
 
 @task(
     name="train",
-    task_run_name="train-{run}",
+    task_run_name=nodes.TRAIN_TASK_PREFIX + "{run}",  # the other nodes of a Kubernetes job look for it
     retries=TRAIN_RETRIES,
     retry_delay_seconds=TRAIN_RETRY_DELAYS_S,
     retry_condition_fn=_retry_training,
@@ -419,3 +420,54 @@ def run_flow(name: str, function: Any = None, **parameters: Any) -> State:
             "when the server answers again, rerun the same command: finished stages are reused and the "
             "training resumes from its latest checkpoint"
         ) from err
+
+
+# -- the other nodes of a multi-node Kubernetes job (pipelines/orchestration/nodes.py) ----------------
+
+
+def observe_flow_run(flow_run_id: str) -> nodes.FlowRunView | None:
+    """The flow run and its train task runs as the Prefect API reports them (None when it did not answer).
+
+    Raises:
+        prefect.exceptions.ObjectNotFound: no flow run has this id.
+    """
+    import httpx
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        TaskRunFilter,
+        TaskRunFilterName,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    try:
+        with get_client(sync_client=True) as client:
+            run = client.read_flow_run(UUID(flow_run_id))
+            task_runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])),
+                task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_=nodes.TRAIN_TASK_PREFIX)),
+            )
+    except (httpx.HTTPError, OSError) as error:
+        logging.getLogger(__name__).warning("the Prefect API did not answer: %s", error)
+        return None
+    attempts = tuple(
+        nodes.TrainAttempt(
+            task_run_id=str(task_run.id),
+            run=task_run.name.removeprefix(nodes.TRAIN_TASK_PREFIX),
+            attempt=task_run.run_count,
+            running=task_run.state_type == StateType.RUNNING,
+        )
+        for task_run in task_runs
+        if task_run.name.startswith(nodes.TRAIN_TASK_PREFIX)
+    )
+    return nodes.FlowRunView(
+        params_file=str(run.parameters.get("params_file", "params.yaml")),
+        finished=run.state is not None and run.state.is_final(),
+        attempts=attempts,
+    )
+
+
+def follow_flow_run(flow_run_id: str) -> int:
+    """Join the torchrun launches of flow run ``flow_run_id`` from this node until it ends (exit status)."""
+    return nodes.Follower(lambda: observe_flow_run(flow_run_id)).run()

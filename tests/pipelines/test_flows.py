@@ -379,9 +379,11 @@ def test_prefect_yaml_declares_the_deployments() -> None:
     for function in ("experiment_flow", "two_stage_flow", "pipeline_flow"):
         local = entrypoints[(f"pipelines/orchestration/flows.py:{function}", "local")]
         assert local["work_pool"]["name"] == "vitadapter-local"
-        k8s = entrypoints[(f"pipelines/orchestration/flows.py:{function}", "k8s")]
+        k8s = entrypoints[
+            (f"pipelines.orchestration.flows:{function}", "k8s")
+        ]  # the image's installed module
         assert k8s["work_pool"]["job_variables"]["gpus"] >= 1
-        assert "MLFLOW_TRACKING_URI" in k8s["work_pool"]["job_variables"]["env"]
+        assert k8s["work_pool"]["job_variables"]["mlflow_tracking_uri"] == "{{ $MLFLOW_TRACKING_URI }}"
         assert "set_working_directory" in str(k8s["pull"])
     (pull,) = spec["pull"]
     assert pull["prefect.deployments.steps.set_working_directory"]["directory"] == "{{ project-dir.stdout }}"
@@ -389,56 +391,12 @@ def test_prefect_yaml_declares_the_deployments() -> None:
 
 # -- a deployment through a real `prefect server start` and `prefect worker start` --------------------
 
-# The Kubernetes work pool of prefect.yaml's notes, reduced to what the server checks: the job variables
-# (with the documented gpus / cpu_request / memory_request / pvc_name) and the GPU resources they fill.
+# The Kubernetes work pool: its committed base job template (tests/deploy/test_kubernetes_jobs.py renders
+# and checks the jobs it makes); here the server checks the k8s deployments' job variables against it.
 K8S_POOL: dict[str, Any] = {
     "name": "vitadapter-k8s",
     "type": "kubernetes",
-    "base_job_template": {
-        "variables": {
-            "type": "object",
-            "properties": {
-                "image": {"type": "string"},
-                "image_pull_policy": {"type": "string"},
-                "namespace": {"type": "string"},
-                "env": {"type": "object", "additionalProperties": {"type": "string"}},
-                "gpus": {"type": "integer", "default": 1},
-                "cpu_request": {"type": "string", "default": "8"},
-                "memory_request": {"type": "string", "default": "64Gi"},
-                "pvc_name": {"type": "string", "default": "vitadapter-artifacts"},
-            },
-            "additionalProperties": False,
-        },
-        "job_configuration": {
-            "namespace": "{{ namespace }}",
-            "env": "{{ env }}",
-            "job_manifest": {
-                "apiVersion": "batch/v1",
-                "kind": "Job",
-                "spec": {
-                    "template": {
-                        "spec": {
-                            "containers": [
-                                {
-                                    "name": "prefect-job",
-                                    "image": "{{ image }}",
-                                    "imagePullPolicy": "{{ image_pull_policy }}",
-                                    "resources": {
-                                        "requests": {
-                                            "nvidia.com/gpu": "{{ gpus }}",
-                                            "cpu": "{{ cpu_request }}",
-                                            "memory": "{{ memory_request }}",
-                                        },
-                                        "limits": {"nvidia.com/gpu": "{{ gpus }}"},
-                                    },
-                                }
-                            ]
-                        }
-                    }
-                },
-            },
-        },
-    },
+    "base_job_template": json.loads((REPO / "deploy" / "kubernetes" / "base-job-template.json").read_text()),
 }
 
 
@@ -547,7 +505,7 @@ def test_deployment_runs_through_a_real_server_and_worker(tmp_path: Path) -> Non
         for deployment in deployments["k8s"]:
             variables = deployment["job_variables"]
             assert variables["image"] == env["VITADAPTER_IMAGE"] and variables["gpus"] == 8
-            assert variables["env"]["MLFLOW_TRACKING_URI"] == env["MLFLOW_TRACKING_URI"]
+            assert variables["mlflow_tracking_uri"] == env["MLFLOW_TRACKING_URI"]
         wrong = {**deployments["k8s"][0], "job_variables": {"gpus": "eight"}}
         wrong = {key: wrong[key] for key in ("name", "flow_id", "work_pool_name", "job_variables")}
         with pytest.raises(urllib.error.HTTPError, match="422"):
