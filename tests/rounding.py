@@ -271,6 +271,17 @@ def _upsample_backward(mode: RandomRounding, func, args, kwargs, out) -> None:
     mode.perturb(out, _sum_size(n, squares, out) + _coordinate(max(input_size[-2:]), squares))
 
 
+def _upsample_antialiased(mode: RandomRounding, func, args, kwargs, out) -> None:
+    # a separable weighted sum whose support widens with the down-sampling factor (antialiasing): per
+    # dimension 4 (bicubic) or 2 (bilinear) taps times the factor; |weights| <= ~1.1 (bicubic's lobes), so
+    # the operation on |squares| bounds sum_i (w_i v_i)^2
+    taps = 4 if func.overloadpacket is aten._upsample_bicubic2d_aa else 2
+    size_in, size_out = args[0].shape[-2:], out.shape[-2:]
+    n = math.prod(math.ceil(taps * max(1.0, i / o)) for i, o in zip(size_in, size_out, strict=True))
+    squares = _on_squares(func, args, kwargs).abs()
+    mode.perturb(out, _sum_size(n, squares, out) + _coordinate(max(size_in), squares))
+
+
 def _adaptive_pool_backward(mode: RandomRounding, func, args, kwargs, out) -> None:
     # each input element receives the grads of the (at most 4, for any output size) windows covering it,
     # each divided by its window's size
@@ -308,6 +319,7 @@ _REDUCTIONS: dict[Any, Callable[..., None]] = {
     aten.grid_sampler_2d_backward: _grid_sampler_backward,
     aten.upsample_bilinear2d_backward: _upsample_backward,
     aten.upsample_bicubic2d_backward: _upsample_backward,
+    aten._upsample_bicubic2d_aa: _upsample_antialiased, aten._upsample_bilinear2d_aa: _upsample_antialiased,
     aten._adaptive_avg_pool2d_backward: _adaptive_pool_backward,
     aten.avg_pool2d: _avg_pool, aten.avg_pool2d_backward: _avg_pool_backward,
     aten._safe_softmax: _safe_softmax,
@@ -413,13 +425,14 @@ def spread(deviations: list[torch.Tensor]) -> dict[str, float]:
     Returns:
         ``norm``: the root mean square over runs of the error's Euclidean norm; ``element``: the largest
         per-element root mean square over runs (the spread of the least certain element); ``peak``: the
-        largest error seen in any element and run.
+        largest error seen in any element and run; ``elements``: the quantity's size.
     """
     stacked = torch.stack([d.detach().double().reshape(-1) for d in deviations])  # (runs, elements)
     return {
         "norm": float(stacked.square().sum(1).mean().sqrt()),
         "element": float(stacked.square().mean(0).sqrt().max()),
         "peak": float(stacked.abs().max()),
+        "elements": int(stacked.shape[1]),
     }
 
 

@@ -72,12 +72,18 @@ def parity(name: str, seeds: list[int]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=["train_step", *parity_runs.GOLDENS], action="append")
-    parser.add_argument("--runs", type=int, default=RUNS, help=f"emulated runs per spread (default {RUNS})")
+    parser.add_argument(
+        "--runs",
+        type=int,
+        help=f"emulated runs per spread (default: {RUNS} for the training step, whose scalars need them; "
+        f"{parity_runs.PARITY_RUNS} for the goldens, compared by norms, which concentrate)",
+    )
     parser.add_argument("--first-seed", type=int, default=0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    seeds = list(range(args.first_seed, args.first_seed + args.runs))
     for what in args.only or ["train_step", *parity_runs.GOLDENS]:
+        runs = args.runs or (RUNS if what == "train_step" else parity_runs.PARITY_RUNS)
+        seeds = list(range(args.first_seed, args.first_seed + runs))
         start = time.monotonic()
         if what == "train_step":
             train_step(seeds)
