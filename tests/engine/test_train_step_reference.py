@@ -191,7 +191,8 @@ def test_float32_takes_another_branch_only_at_ties(exact, free32) -> None:
     _, pins = exact
     _, ours = free32
     assert set(ours.inputs) == set(pins.inputs) == set(BOUNDS["branches"])
-    assert len(pins.masks) == 19 and len(pins.choices) == 1  # the ReLUs after each BatchNorm, the stem's max-pool
+    # the ReLUs after each BatchNorm, and the stem's max-pool
+    assert len(pins.masks) == 19 and len(pins.choices) == 1
     for name, exact_input in pins.inputs.items():
         band = LAMBDA * BOUNDS["branches"][name]["element"]
         if name in pins.masks:
