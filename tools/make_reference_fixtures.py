@@ -15,7 +15,10 @@ The repository must stand on its own, so the tests read these compact copies:
   parameter's group, lr and weight decay, the lr of every group at the recorded iterations, the
   gradients and the iteration-1500 AdamW update of the chosen tensors (at most
   :data:`TRAIN_STEP_VALUES` values each, every ``stride``-th element of the flattened tensor), their
-  full-tensor norms, the pre-step weight sums (a check of the fill) and the BatchNorm running statistics.
+  full-tensor norms (float32 and the float64 rerun's), the recording's float32-vs-float64 difference of
+  each (its own rounding floor), the pre-step weight sums (a check of the fill) and the BatchNorm running
+  statistics.
+* Each golden output also carries the recording's float32-vs-float64 difference (``float32_floor``).
 
 Files whose content is unchanged are not rewritten (gzip and zip headers carry timestamps, so a
 rewrite would change the bytes of identical data).
@@ -173,6 +176,10 @@ def _train_step(ref: Path, golden: str, name: str) -> None:
             "grad_norm": meta["grad_stats_all"][key]["norm"],
             "grad_max_abs": meta["grad_stats_all"][key]["max_abs"],
             "param_sum_before": meta["param_stats_before_step"][key]["sum"],
+            # the float64 rerun's full-gradient norm, and the recording's float32-vs-float64 difference
+            # (largest over its stored subsample, a superset of ours): its own rounding floor
+            "grad_norm_float64": meta["float64_rerun"]["grad_norm_float64"][key],
+            "grad_float32_floor": meta["arrays"][f"grad/{key}{suffix}"]["max_abs_diff_vs_float64"],
         }
     for key in npz.files:
         if key.startswith("bn/"):
@@ -268,6 +275,10 @@ def main() -> None:
                 "stride": stride,
                 "full_shape": full_shape,
             }
+            if not key.endswith(".argmax"):  # the recording's float32-vs-float64 difference (its floor)
+                record = outputs.get(key.removesuffix(".sub8"), {})
+                if "max_abs_diff_vs_float64" in record:
+                    strides[key]["float32_floor"] = record["max_abs_diff_vs_float64"]
         _write_npz(OUT / f"golden_{name}.npz", arrays)
         fills = json.loads((ref / "parity" / fill_file).read_text())
         checks = _fill_checks(fills, golden)

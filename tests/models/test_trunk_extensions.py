@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from pathlib import Path
@@ -19,6 +20,7 @@ from models.pretrained import load_pretrained_trunk
 from models.trunks.timm_trunks import TimmTrunk
 from models.zoo_extensions import EXTENSION_ROWS, TRUNKS, extension_entries
 from pipelines.engine.optim import layer_id_for
+from rounding import LAMBDA, U32, U64, forward_spreads
 
 EXTENSIONS = [entry.name for entry in extension_entries()]
 # one tiny trunk per family (+ DINOv2 with registers): zoo family, timm architecture
@@ -29,7 +31,6 @@ FAMILIES = {
     "eva02": ("eva02", "eva02_large_patch14_448"),
 }
 TINY = {"embed_dim": 64, "depth": 4, "num_heads": 2}
-ATOL = 1e-5
 
 
 def _tiny_trunk(family: str, img_size: int | None = None) -> TrunkConfig:
@@ -97,6 +98,23 @@ def _timm_patch_tokens(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         x, indices=[len(model.blocks) - 1], norm=False, output_fmt="NLC", intermediates_only=True
     )
     return out[0]
+
+
+def _assert_timms_tokens(backbone: torch.nn.Module, reference: torch.nn.Module, x: torch.Tensor) -> None:
+    """Our trunk computes timm's function: to float64 rounding in float64, to float32 rounding in float32.
+
+    Two correct float32 implementations of one function differ by at most ``2 LAMBDA sigma`` (tests/rounding.py:
+    ``sigma``, float32's emulated rounding spread of the tokens, here of our trunk run in float64; the norm of
+    the difference is compared), and two float64 ones by that times ``2^-29``.
+    """
+    ours64, theirs64, x64 = copy.deepcopy(backbone).double(), copy.deepcopy(reference).double(), x.double()
+    with torch.no_grad():
+        exact, spreads = forward_spreads(lambda: {"tokens": ours64.forward_trunk(x64)}, runs=2)
+        sigma = spreads["tokens"]["norm"]
+        float64 = (exact["tokens"] - _timm_patch_tokens(theirs64, x64)).norm().item()
+        assert float64 <= 2 * LAMBDA * sigma * U64 / U32, (float64, sigma)
+        float32 = (backbone.forward_trunk(x) - _timm_patch_tokens(reference, x)).double().norm().item()
+        assert float32 <= 2 * LAMBDA * sigma, (float32, sigma)
 
 
 # -- the entries ------------------------------------------------------------------------------------
@@ -231,15 +249,11 @@ def test_timm_state_dict_loads_and_gives_timm_patch_tokens(family: str) -> None:
     patch = backbone.patch_size
     x = torch.randn(2, 3, pretrain, pretrain)
     with torch.no_grad():
-        torch.testing.assert_close(
-            backbone.forward_trunk(x), _timm_patch_tokens(reference, x), rtol=0, atol=ATOL
-        )
+        _assert_timms_tokens(backbone, reference, x)
         dynamic = _timm_model(family, pretrain, dynamic=True)
         dynamic.load_state_dict(state)
         x = torch.randn(2, 3, 6 * patch, 5 * patch)  # another size, not square
-        torch.testing.assert_close(
-            backbone.forward_trunk(x), _timm_patch_tokens(dynamic, x), rtol=0, atol=ATOL
-        )
+        _assert_timms_tokens(backbone, dynamic, x)
 
 
 def test_authors_layouts_are_converted_by_timms_filter() -> None:
@@ -258,9 +272,7 @@ def test_authors_layouts_are_converted_by_timms_filter() -> None:
     assert not report.unexpected and not report.mismatched
     x = torch.randn(1, 3, 80, 96)
     with torch.no_grad():
-        torch.testing.assert_close(
-            backbone.forward_trunk(x), _timm_patch_tokens(reference, x), rtol=0, atol=ATOL
-        )
+        _assert_timms_tokens(backbone, reference, x)
     # DINOv2 with registers: register_tokens, a pos_embed with a cls slot, mask_token
     reference = _timm_model("dinov2_reg4", 56)
     state = reference.state_dict()
@@ -273,9 +285,7 @@ def test_authors_layouts_are_converted_by_timms_filter() -> None:
     assert not report.unexpected and not report.mismatched and not resized
     x = torch.randn(1, 3, 56, 56)
     with torch.no_grad():
-        torch.testing.assert_close(
-            backbone.forward_trunk(x), _timm_patch_tokens(reference, x), rtol=0, atol=ATOL
-        )
+        _assert_timms_tokens(backbone, reference, x)
 
 
 def test_another_pretraining_grid_is_resampled_and_a_wrong_family_is_refused(tmp_path: Path) -> None:
