@@ -19,8 +19,8 @@ from parity_runs import AttentionMaskPins
 from pipelines.cli import main
 from pipelines.config.specs import test_pipeline as evaluation_pipeline
 from pipelines.engine.checkpoints import save_checkpoint_file
-from pipelines.engine.evaluator import InferenceSettings, predict_probabilities
 from pipelines.engine.onnx_session import OnnxSegmentor
+from pipelines.engine.views import InferenceSettings, predict_probabilities
 from pipelines.runs.onnx_export import export_onnx
 from rounding import LAMBDA, forward_spreads
 
