@@ -32,6 +32,7 @@ the step) and the batch lists it under ``skipped``; an evaluation sample is left
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from collections.abc import Iterator, Sequence
@@ -231,7 +232,8 @@ class ShardLoader(DataLoader):
         self.skipped: list[dict[str, Any]] = []
 
     def __iter__(self) -> Iterator[Any]:
-        iterator = super().__iter__()
+        with _opencv_pool_stopped(self.num_workers > 0):
+            iterator = super().__iter__()  # forks the workers
         error = None
         try:
             for item in iterator:
@@ -265,9 +267,27 @@ def open_prepared(root: str | Path, *, verify: VerifyLevel, skip_corrupt: bool) 
         return PreparedDataset.open(root, verify="none")
 
 
-def _worker_init(_: int) -> None:
-    # One worker process per core: keep OpenCV and torch from starting thread pools of their own.
+@contextlib.contextmanager
+def _opencv_pool_stopped(forking: bool) -> Iterator[None]:
+    """OpenCV's thread pool does not survive ``fork``: a worker forked while the pool's threads exist holds a
+    pool whose threads are gone, and its first ``cv2.setNumThreads`` (or parallel call) waits for them forever
+    (seen as a hung DataLoader after an earlier evaluation in the same process had started the pool). So the
+    pool is shrunk to one thread (its workers joined) while the loader forks, and restored after; the forked
+    workers keep the single-threaded setting, one worker process per core."""
+    if not forking:
+        yield
+        return
+    previous = cv2.getNumThreads()
     cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(previous)
+
+
+def _worker_init(_: int) -> None:
+    # One worker process per core: keep torch from starting a thread pool of its own (OpenCV's is one
+    # thread already, set before the fork: _opencv_pool_stopped).
     torch.set_num_threads(1)
 
 

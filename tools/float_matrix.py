@@ -11,7 +11,7 @@ can take instead, each in a fresh process:
 * ``ATEN_CPU_CAPABILITY=default``: torch's elementwise and reduction kernels without AVX2 vectorisation.
 
 Then, with the planted bugs of tests/engine/test_train_step_planted_bugs.py (``slow``), it checks the other
-half: each bug fails the train-step checks. Results go to ``benchmarks/results/float_matrix.json`` (with the
+half: each bug fails the train-step checks. Results go to ``benchmarks/float_matrix/results.json`` (with the
 machine), a table to the log.
 
 Run: ``.venv/bin/python tools/float_matrix.py [--tests FILE ...] [--only NAME ...]`` (minutes).
@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results" / "float_matrix.json"
+RESULTS = REPO / "benchmarks" / "float_matrix" / "results.json"
 DEFAULT_TESTS = [
     "tests/test_rounding.py",
     "tests/engine/test_train_step_reference.py",
