@@ -41,14 +41,15 @@ def prefect_env(home: Path, url: str, **more: str) -> dict[str, str]:
     }
 
 
-def api(url: str, path: str, body: dict[str, Any] | None = None) -> Any:
+def api(url: str, path: str, body: dict[str, Any] | None = None, *, timeout: float = 10) -> Any:
+    """GET ``path`` of the Prefect API at ``url`` (POST ``body`` when given); the decoded JSON answer."""
     request = urllib.request.Request(
         f"{url}{path}",
         data=None if body is None else json.dumps(body).encode(),
         headers={"Content-Type": "application/json"},
         method="GET" if body is None else "POST",
     )
-    with urllib.request.urlopen(request, timeout=10) as response:
+    with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.loads(response.read())
 
 

@@ -19,7 +19,6 @@ import importlib.util
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,6 +32,8 @@ from typing import Any
 import pytest
 import yaml
 from kube_checks import ManifestError, check_document, check_job, pod_environment
+
+from prefect_server import api, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -52,21 +53,9 @@ def _tool():
     return module
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _api(url: str, path: str, body: dict[str, Any] | None = None) -> Any:
-    request = urllib.request.Request(
-        f"{url}{path}",
-        data=None if body is None else json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-        method="GET" if body is None else "POST",
-    )
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.loads(response.read())
+def api30(url: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    """The Prefect API call of tests/prefect_server.py with this file's 30 s timeout (a loaded server)."""
+    return api(url, path, body, timeout=30)
 
 
 @dataclass
@@ -85,7 +74,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A real server with the pool from the committed template and prefect.yaml's k8s deployments."""
     root = tmp_path_factory.mktemp("k8s-pool")
     (root / "home").mkdir()
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = {
         **os.environ,
@@ -112,7 +101,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             if process.poll() is not None:
                 pytest.fail(f"prefect server exited {process.returncode}:\n{log.read_text()[-3000:]}")
             try:
-                if _api(url, "/health") is True:
+                if api30(url, "/health") is True:
                     break
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
@@ -293,10 +282,10 @@ def test_cluster_manifests_are_valid_and_match_the_pools_defaults() -> None:
 
 
 def test_pool_and_deployments_on_a_real_server(server: Server) -> None:
-    pool = _api(server.url, "/work_pools/vitadapter-k8s")
+    pool = api30(server.url, "/work_pools/vitadapter-k8s")
     assert pool["type"] == "kubernetes"
     assert pool["base_job_template"] == json.loads(TEMPLATE_FILE.read_text())
-    found = _api(server.url, "/deployments/filter", {"deployments": {"name": {"any_": ["k8s"]}}})
+    found = api30(server.url, "/deployments/filter", {"deployments": {"name": {"any_": ["k8s"]}}})
     assert len(found) == 3
     for deployment in found:
         assert deployment["work_pool_name"] == "vitadapter-k8s"
@@ -317,7 +306,7 @@ def test_pool_and_deployments_on_a_real_server(server: Server) -> None:
             "job_variables": {**found[0]["job_variables"], **wrong},
         }
         with pytest.raises(urllib.error.HTTPError, match="422"):
-            _api(server.url, "/deployments/", body)
+            api30(server.url, "/deployments/", body)
 
 
 @pytest.mark.parametrize(
@@ -369,7 +358,7 @@ def _broken_pool(server: Server, name: str, change) -> None:
     """
     template = json.loads(TEMPLATE_FILE.read_text())
     change(template["job_configuration"])
-    _api(server.url, "/work_pools/", {"name": name, "type": "kubernetes", "base_job_template": template})
+    api30(server.url, "/work_pools/", {"name": name, "type": "kubernetes", "base_job_template": template})
 
 
 def _container(configuration: dict[str, Any]) -> dict[str, Any]:
@@ -378,7 +367,7 @@ def _container(configuration: dict[str, Any]) -> dict[str, Any]:
 
 def _render_broken(server: Server, pool: str) -> tuple[dict[str, Any], Any]:
     """A deployment of the experiment flow in ``pool`` (as prefect.yaml's), and a flow run's manifest."""
-    good = _api(server.url, "/deployments/filter", {"deployments": {"name": {"any_": ["k8s"]}}})[0]
+    good = api30(server.url, "/deployments/filter", {"deployments": {"name": {"any_": ["k8s"]}}})[0]
     body = {
         "name": pool,
         "flow_id": good["flow_id"],
@@ -387,8 +376,8 @@ def _render_broken(server: Server, pool: str) -> tuple[dict[str, Any], Any]:
         "entrypoint": good["entrypoint"],
         "pull_steps": good["pull_steps"],
     }
-    _api(server.url, "/deployments/", body)
-    flow = _api(server.url, f"/flows/{good['flow_id']}")
+    api30(server.url, "/deployments/", body)
+    flow = api30(server.url, f"/flows/{good['flow_id']}")
     return _render(server, f"{flow['name']}/{pool}", {}, {"run": "ade_stage"})
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,16 +30,11 @@ from pipelines.cli import main
 from pipelines.config.params import load_params
 from pipelines.config.strict import ParamsError
 from pipelines.orchestration.stages import run_signature
+from prefect_server import api, free_port
 
 BIN = Path(sys.executable).parent
 SERVER_START_TIMEOUT_S = 240
 RUN_TIMEOUT_S = 900
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _micro_file(root: Path, **run_changes: Any) -> Path:
@@ -111,17 +105,6 @@ def test_node_zero_becomes_the_flow_runs_command() -> None:
     assert out.split() == [str(process.pid)]
 
 
-def _api(url: str, path: str, body: dict[str, Any] | None = None) -> Any:
-    request = urllib.request.Request(
-        f"{url}{path}",
-        data=None if body is None else json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-        method="GET" if body is None else "POST",
-    )
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.loads(response.read())
-
-
 def _stop(process: subprocess.Popen[bytes]) -> None:
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGTERM)
@@ -132,11 +115,16 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
             process.wait(timeout=10)
 
 
+def api30(url: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    """The Prefect API call of tests/prefect_server.py with this file's 30 s timeout (a loaded server)."""
+    return api(url, path, body, timeout=30)
+
+
 @pytest.mark.slow
 def test_two_pods_train_one_run_together(tmp_path: Path) -> None:
     params_file = _micro_file(tmp_path, gpus=0, nodes=1)  # the pods' size comes from their environment
     (tmp_path / "home").mkdir()
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     base = {
         **os.environ,
@@ -160,15 +148,15 @@ def test_two_pods_train_one_run_together(tmp_path: Path) -> None:
         deadline = time.monotonic() + SERVER_START_TIMEOUT_S
         while True:
             try:
-                if _api(url, "/health") is True:
+                if api30(url, "/health") is True:
                     break
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
             assert server.poll() is None and time.monotonic() < deadline, logs["server"].read_text()[-3000:]
             time.sleep(0.5)
         # a deployment as prefect.yaml's k8s ones are (the installed module, a working folder), and a flow run
-        flow = _api(url, "/flows/", {"name": "experiment"})
-        deployment = _api(
+        flow = api30(url, "/flows/", {"name": "experiment"})
+        deployment = api30(
             url,
             "/deployments/",
             {
@@ -181,8 +169,8 @@ def test_two_pods_train_one_run_together(tmp_path: Path) -> None:
             },
         )
         parameters = {"run": "tiny", "params_file": str(params_file)}
-        flow_run = _api(url, f"/deployments/{deployment['id']}/create_flow_run", {"parameters": parameters})
-        rendezvous = str(_free_port())
+        flow_run = api30(url, f"/deployments/{deployment['id']}/create_flow_run", {"parameters": parameters})
+        rendezvous = str(free_port())
         for rank in (0, 1):  # the environment the rendered Job gives pod `rank` (the Service name aside)
             env = {
                 **base,
@@ -223,7 +211,7 @@ def test_two_pods_train_one_run_together(tmp_path: Path) -> None:
             f"--- {name}\n{path.read_text()[-3000:]}" for name, path in logs.items() if name != "server"
         )
         assert [pod.returncode for pod in pods] == [0, 0], detail
-        assert _api(url, f"/flow_runs/{flow_run['id']}")["state_type"] == "COMPLETED", detail
+        assert api30(url, f"/flow_runs/{flow_run['id']}")["state_type"] == "COMPLETED", detail
         follower = logs["pod1"].read_text()
         assert (
             "run tiny, attempt 1: launch 1" in follower and "this node's training has finished" in follower
