@@ -17,6 +17,7 @@ import yaml
 import models
 import models.zoo
 from micro_params import TINY_UPERNET_OVERRIDES, micro_params, write_params
+from models.builder import build_segmentor
 from own_data import CLASSES, write_ade_layout
 from pipelines.config.params import load_params
 from pipelines.orchestration.dvcgraph import render_dvc_yaml
@@ -58,7 +59,7 @@ def test_dvc_repro_prepares_trains_evaluates_and_reports_a_card(
     (root / "toppings.yaml").write_text(yaml.safe_dump(card, sort_keys=False))
     # an ADE20K model of the tiny preset (150 classes) to start from
     overrides = models.zoo.resolved_overrides(ENTRY, preset="tiny")
-    ade = models.build_segmentor(models.get_config(ENTRY, overrides))
+    ade = build_segmentor(models.get_config(ENTRY, overrides))
     torch.save({"config": ENTRY, "overrides": overrides, "state_dict": ade.state_dict()}, root / "ade.pth")
 
     tiny = micro_params()["runs"]["tiny"]
