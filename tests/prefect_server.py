@@ -41,16 +41,38 @@ def prefect_env(home: Path, url: str, **more: str) -> dict[str, str]:
     }
 
 
+# what Prefect's own client retries: the server answers 503 for an error a client may retry (a database
+# timeout, sqlite busy under load), 429 and 502 likewise; any other status is the answer
+RETRIED_STATUSES = (429, 502, 503)
+RETRY_DELAYS_S = (0.5, 1, 2, 4, 8)
+
+
 def api(url: str, path: str, body: dict[str, Any] | None = None, *, timeout: float = 10) -> Any:
-    """GET ``path`` of the Prefect API at ``url`` (POST ``body`` when given); the decoded JSON answer."""
-    request = urllib.request.Request(
-        f"{url}{path}",
-        data=None if body is None else json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-        method="GET" if body is None else "POST",
-    )
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return json.loads(response.read())
+    """GET ``path`` of the Prefect API at ``url`` (POST ``body`` when given); the decoded JSON answer.
+
+    A 429/502/503 answer is retried after 0.5, 1, 2, 4 and 8 s, as Prefect's client does; the last one is
+    raised."""
+    for delay in (*RETRY_DELAYS_S, None):
+        request = urllib.request.Request(
+            f"{url}{path}",
+            data=None if body is None else json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+            method="GET" if body is None else "POST",
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            if error.code not in RETRIED_STATUSES or delay is None:
+                raise
+        time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def api30(url: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    """``api`` with 30 s per request: the deployment tests' server registers pools and renders jobs
+    while other tests load the machine."""
+    return api(url, path, body, timeout=30)
 
 
 def start_server(url: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:

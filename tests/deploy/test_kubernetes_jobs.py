@@ -33,7 +33,7 @@ import pytest
 import yaml
 from kube_checks import ManifestError, check_document, check_job, pod_environment
 
-from prefect_server import api, free_port
+from prefect_server import api30, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -51,11 +51,6 @@ def _tool():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def api30(url: str, path: str, body: dict[str, Any] | None = None) -> Any:
-    """The Prefect API call of tests/prefect_server.py with this file's 30 s timeout (a loaded server)."""
-    return api(url, path, body, timeout=30)
 
 
 @dataclass

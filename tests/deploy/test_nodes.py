@@ -30,7 +30,7 @@ from pipelines.cli import main
 from pipelines.config.params import load_params
 from pipelines.config.strict import ParamsError
 from pipelines.orchestration.stages import run_signature
-from prefect_server import api, free_port
+from prefect_server import api30, free_port
 
 BIN = Path(sys.executable).parent
 SERVER_START_TIMEOUT_S = 240
@@ -113,11 +113,6 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=10)
-
-
-def api30(url: str, path: str, body: dict[str, Any] | None = None) -> Any:
-    """The Prefect API call of tests/prefect_server.py with this file's 30 s timeout (a loaded server)."""
-    return api(url, path, body, timeout=30)
 
 
 @pytest.mark.slow

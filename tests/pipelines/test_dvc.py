@@ -51,6 +51,18 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]
     return root, env
 
 
+def _second_max_iters(tree: object) -> list[int]:
+    """Every ``runs.second.train.max_iters`` in the JSON ``tree`` (one per revision `dvc exp show` lists)."""
+    if isinstance(tree, list):
+        return [value for item in tree for value in _second_max_iters(item)]
+    if not isinstance(tree, dict):
+        return []
+    try:
+        return [tree["runs"]["second"]["train"]["max_iters"]]
+    except (KeyError, TypeError):
+        return [value for item in tree.values() for value in _second_max_iters(item)]
+
+
 def test_repro_runs_the_graph_then_only_what_changed(repo) -> None:
     root, env = repo
     first = _run([str(BIN / "dvc"), "repro"], root, env)
@@ -108,6 +120,8 @@ def test_repro_runs_the_graph_then_only_what_changed(repo) -> None:
     _run(["git", "checkout", "--", "params.yaml"], root, env)
 
 
+# the same `dvc exp run -S` as test_an_experiment_changes_only_the_run_it_names, on the module's repository
+@pytest.mark.slow
 def test_exp_run_with_a_set_parameter(repo) -> None:
     root, env = repo
     _run([str(BIN / "dvc"), "repro"], root, env)  # back to the committed params
@@ -192,3 +206,6 @@ def test_an_experiment_changes_only_the_run_it_names(tmp_path: Path) -> None:
     assert "Running stage 'train_second'" in result.stdout
     assert "Running stage 'train_first'" not in result.stdout
     assert "'train_first' didn't change" in result.stdout
+    shown = json.loads(_run([str(BIN / "dvc"), "exp", "show", "--json"], root, env).stdout)
+    # the baseline's and the experiment's params.yaml (and the workspace's), as `dvc exp show` records them
+    assert set(_second_max_iters(shown)) == {first["train"]["max_iters"], 6}

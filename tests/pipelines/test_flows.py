@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -27,6 +24,7 @@ import yaml
 
 import models
 from micro_params import micro_params, write_params
+from prefect_server import api, free_port, prefect_env, start_server, stop
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -41,12 +39,6 @@ TINY_M2F = {
     "optimizer.lr": 0.0005,
     "schedule.warmup_iters": 2,
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _micro_file(root: Path, *, tracking: bool = True, **changes: Any) -> Path:
@@ -119,7 +111,7 @@ def harness(prefect_home: Path) -> Iterator[None]:
 def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Run in ``tmp_path``: the flows' persisted results (artifacts/prefect/results) land there."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("PET_MASTER_PORT", str(_free_port()))  # torchrun's rendezvous port
+    monkeypatch.setenv("PET_MASTER_PORT", str(free_port()))  # torchrun's rendezvous port
     return tmp_path
 
 
@@ -400,60 +392,16 @@ K8S_POOL: dict[str, Any] = {
 }
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the process group we started, then SIGKILL what is left after a grace period."""
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
-
-
-def _api(url: str, path: str, body: dict[str, Any] | None = None) -> Any:
-    request = urllib.request.Request(
-        f"{url}{path}",
-        data=None if body is None else json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-        method="GET" if body is None else "POST",
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.loads(response.read())
-
-
-def _wait_healthy(url: str, server: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            pytest.fail(f"prefect server exited {server.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if _api(url, "/health") is True:
-                return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"prefect server not healthy after {SERVER_START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
-
-
 def test_deployment_runs_through_a_real_server_and_worker(tmp_path: Path) -> None:
-    home = tmp_path / "prefect-home"
-    home.mkdir()
-    url = f"http://127.0.0.1:{_free_port()}/api"
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(home),
-        "PREFECT_API_URL": url,
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_UI_ENABLED": "false",
-        "PREFECT_CLI_PROMPT": "false",
-        "PREFECT_WORKER_QUERY_SECONDS": "1",  # poll for scheduled runs every second, not every 10 s
-        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(tmp_path / "results"),
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "VITADAPTER_IMAGE": "registry.example.org/vitadapter:test",  # read by `prefect deploy` (k8s)
-        "MLFLOW_TRACKING_URI": "http://mlflow.example.org:5000",
-    }
+    url = f"http://127.0.0.1:{free_port()}/api"
+    env = prefect_env(
+        tmp_path / "prefect-home",
+        url,
+        PREFECT_WORKER_QUERY_SECONDS="1",  # poll for scheduled runs every second, not every 10 s
+        PREFECT_RESULTS_LOCAL_STORAGE_PATH=str(tmp_path / "results"),
+        VITADAPTER_IMAGE="registry.example.org/vitadapter:test",  # read by `prefect deploy` (k8s)
+        MLFLOW_TRACKING_URI="http://mlflow.example.org:5000",
+    )
     # MLflow is covered by the harness tests; off here, as a sqlite store would put ./mlruns in the
     # repository root (the deployment's working directory).
     params_file = _micro_file(tmp_path / "deployed", tracking=False)
@@ -465,18 +413,9 @@ def test_deployment_runs_through_a_real_server_and_worker(tmp_path: Path) -> Non
         )
 
     server_log, worker_log = tmp_path / "server.log", tmp_path / "worker.log"
-    port = url.rsplit(":", 1)[1].split("/")[0]
-    with server_log.open("wb") as out:
-        server = subprocess.Popen(
-            [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", port],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    server = start_server(url, env, server_log)
     worker: subprocess.Popen[bytes] | None = None
     try:
-        _wait_healthy(url, server, server_log)
         created = prefect("work-pool", "create", "vitadapter-local", "--type", "process")
         assert created.returncode == 0, created.stdout + created.stderr
         with worker_log.open("wb") as out:
@@ -490,13 +429,13 @@ def test_deployment_runs_through_a_real_server_and_worker(tmp_path: Path) -> Non
             )
         # the Kubernetes pool cannot run here (no cluster); its deployments are still registered, and
         # the server checks their job variables against the variables prefect.yaml documents
-        _api(url, "/work_pools/", K8S_POOL)
+        api(url, "/work_pools/", K8S_POOL)
         for name in ("local", "k8s"):  # the commands prefect.yaml documents
             deployed = prefect("--no-prompt", "deploy", "--name", name)
             assert deployed.returncode == 0, deployed.stdout + deployed.stderr
         assert (REPO / "prefect.yaml").read_bytes() == prefect_yaml
         deployments = {}
-        for deployment in _api(url, "/deployments/filter", {}):
+        for deployment in api(url, "/deployments/filter", {}):
             deployments.setdefault(deployment["name"], []).append(deployment)
         assert sorted(deployments) == ["k8s", "local"] and len(deployments["local"]) == 3
         for deployment in deployments["local"]:  # the pull step returns to where `prefect deploy` ran
@@ -509,7 +448,7 @@ def test_deployment_runs_through_a_real_server_and_worker(tmp_path: Path) -> Non
         wrong = {**deployments["k8s"][0], "job_variables": {"gpus": "eight"}}
         wrong = {key: wrong[key] for key in ("name", "flow_id", "work_pool_name", "job_variables")}
         with pytest.raises(urllib.error.HTTPError, match="422"):
-            _api(url, "/deployments/", {**wrong, "name": "k8s-wrong"})
+            api(url, "/deployments/", {**wrong, "name": "k8s-wrong"})
 
         run = prefect(
             "deployment",
@@ -525,9 +464,9 @@ def test_deployment_runs_through_a_real_server_and_worker(tmp_path: Path) -> Non
             timeout=FLOW_RUN_TIMEOUT_S + 60,
         )
         assert run.returncode == 0, run.stdout + run.stderr + worker_log.read_text()[-4000:]
-        assert [r["state_type"] for r in _api(url, "/flow_runs/filter", {})] == ["COMPLETED"]
+        assert [r["state_type"] for r in api(url, "/flow_runs/filter", {})] == ["COMPLETED"]
         assert (tmp_path / "deployed" / "metrics" / "tiny" / "eval_ss.json").is_file()
-        artifacts = _api(url, "/artifacts/filter", {"artifacts": {"key": {"any_": ["experiment-tiny"]}}})
+        artifacts = api(url, "/artifacts/filter", {"artifacts": {"key": {"any_": ["experiment-tiny"]}}})
         assert "| tiny |" in artifacts[0]["data"]
         assert any((tmp_path / "results").iterdir())
 
@@ -560,10 +499,10 @@ def test_deployment_runs_through_a_real_server_and_worker(tmp_path: Path) -> Non
             timeout=180,
         )
         assert command.returncode == 1, command.stdout + command.stderr
-        states = sorted(r["state_type"] for r in _api(url, "/flow_runs/filter", {}))
+        states = sorted(r["state_type"] for r in api(url, "/flow_runs/filter", {}))
         assert states == ["COMPLETED", "FAILED", "FAILED"]
     finally:
         if worker is not None:
-            _stop(worker)
-        _stop(server)
+            stop(worker)
+        stop(server)
     assert server.returncode is not None and (worker is None or worker.returncode is not None)

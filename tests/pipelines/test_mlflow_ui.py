@@ -87,6 +87,8 @@ def test_the_ui_shows_ours_against_the_paper(tmp_path: Path) -> None:
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name  # a drawn page, not a blank one
 
 
+# a second mlflow server and Chromium (minutes on 2 cores): the picture test above runs by default
+@pytest.mark.slow
 def test_a_missing_column_is_an_error_naming_it(tmp_path: Path) -> None:
     """The check can fail: a store whose runs lack the published metrics is reported, not pictured as fine."""
     uri = f"sqlite:///{tmp_path / 'bare.db'}"
