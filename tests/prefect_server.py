@@ -107,13 +107,13 @@ def kill_group(process: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> N
         process.wait(timeout=60)
 
 
-def stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the process group we started, then SIGKILL what is left after a grace period."""
+def stop(process: subprocess.Popen[bytes], grace_s: float = 20) -> None:
+    """SIGTERM the process group we started, then SIGKILL what is left after ``grace_s`` seconds."""
     if process.poll() is not None:
         return
     os.killpg(process.pid, signal.SIGTERM)
     try:
-        process.wait(timeout=20)
+        process.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=10)

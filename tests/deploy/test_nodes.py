@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -30,7 +29,7 @@ from pipelines.cli import main
 from pipelines.config.params import load_params
 from pipelines.config.strict import ParamsError
 from pipelines.orchestration.stages import run_signature
-from prefect_server import api30, free_port
+from prefect_server import api30, free_port, stop
 
 BIN = Path(sys.executable).parent
 SERVER_START_TIMEOUT_S = 240
@@ -103,16 +102,6 @@ def test_node_zero_becomes_the_flow_runs_command() -> None:
     out, _ = process.communicate(timeout=300)
     assert process.returncode == 0
     assert out.split() == [str(process.pid)]
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
 
 
 @pytest.mark.slow
@@ -217,5 +206,5 @@ def test_two_pods_train_one_run_together(tmp_path: Path) -> None:
         assert (tmp_path / "metrics" / "tiny" / "eval_ss.json").is_file()  # node 0 went on alone to evaluate
     finally:
         for pod in pods:
-            _stop(pod)
-        _stop(server)
+            stop(pod, grace_s=30)
+        stop(server, grace_s=30)
