@@ -41,6 +41,20 @@ def prefect_env(home: Path, url: str, **more: str) -> dict[str, str]:
     }
 
 
+def deployment_env(root: Path, url: str, **more: str) -> dict[str, str]:
+    """``prefect_env`` for a server, a worker and `prefect deploy` of the tests under ``root``: the worker
+    polls every second (not every 10 s), flow results go to ``root/results``, and the Kubernetes
+    deployments' image variable (read by `prefect deploy`) is set."""
+    return prefect_env(
+        root / "prefect-home",
+        url,
+        PREFECT_WORKER_QUERY_SECONDS="1",
+        PREFECT_RESULTS_LOCAL_STORAGE_PATH=str(root / "results"),
+        VITADAPTER_IMAGE="registry.example.org/vitadapter:test",
+        **more,
+    )
+
+
 # what Prefect's own client retries: the server answers 503 for an error a client may retry (a database
 # timeout, sqlite busy under load), 429 and 502 likewise; any other status is the answer
 RETRIED_STATUSES = (429, 502, 503)

@@ -24,7 +24,7 @@ import yaml
 
 import models
 from micro_params import micro_params, write_params
-from prefect_server import api, free_port, prefect_env, start_server, stop
+from prefect_server import api, deployment_env, free_port, start_server, stop
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -394,14 +394,7 @@ K8S_POOL: dict[str, Any] = {
 
 def test_deployment_runs_through_a_real_server_and_worker(tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{free_port()}/api"
-    env = prefect_env(
-        tmp_path / "prefect-home",
-        url,
-        PREFECT_WORKER_QUERY_SECONDS="1",  # poll for scheduled runs every second, not every 10 s
-        PREFECT_RESULTS_LOCAL_STORAGE_PATH=str(tmp_path / "results"),
-        VITADAPTER_IMAGE="registry.example.org/vitadapter:test",  # read by `prefect deploy` (k8s)
-        MLFLOW_TRACKING_URI="http://mlflow.example.org:5000",
-    )
+    env = deployment_env(tmp_path, url, MLFLOW_TRACKING_URI="http://mlflow.example.org:5000")
     # MLflow is covered by the harness tests; off here, as a sqlite store would put ./mlruns in the
     # repository root (the deployment's working directory).
     params_file = _micro_file(tmp_path / "deployed", tracking=False)

@@ -34,7 +34,7 @@ from typing import Any
 import pytest
 
 from micro_params import micro_params, write_params
-from prefect_server import BIN, api, free_port, kill_group, prefect_env, start_server, stop
+from prefect_server import BIN, api, deployment_env, free_port, kill_group, prefect_env, start_server, stop
 
 REPO = Path(__file__).resolve().parents[2]
 WAIT_S = 900  # generous: the machines these tests run on may be busy
@@ -305,13 +305,7 @@ def test_a_deployment_survives_a_stopped_server_and_a_stopped_or_killed_worker(t
     from pipelines.runs.folder import RunFolder
 
     url = f"http://127.0.0.1:{free_port()}/api"
-    env = prefect_env(
-        tmp_path / "prefect-home",
-        url,
-        PREFECT_WORKER_QUERY_SECONDS="1",  # poll for scheduled runs every second, not every 10 s
-        PREFECT_RESULTS_LOCAL_STORAGE_PATH=str(tmp_path / "results"),
-        VITADAPTER_IMAGE="registry.example.org/vitadapter:test",  # read by `prefect deploy` (the k8s ones)
-    )
+    env = deployment_env(tmp_path, url)
     worker_log = tmp_path / "worker.log"
 
     def prefect(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
