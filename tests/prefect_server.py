@@ -89,8 +89,16 @@ def api30(url: str, path: str, body: dict[str, Any] | None = None) -> Any:
     return api(url, path, body, timeout=30)
 
 
-def start_server(url: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    """``prefect server start`` on the port of ``url``, in a session of its own, healthy when this returns."""
+def start_server(
+    url: str,
+    env: dict[str, str],
+    log: Path,
+    *,
+    timeout_s: float = SERVER_START_TIMEOUT_S,
+    request_timeout: float = 10,
+) -> subprocess.Popen[bytes]:
+    """``prefect server start`` on the port of ``url``, in a session of its own, healthy when this returns
+    (within ``timeout_s``, each health request given ``request_timeout`` seconds)."""
     port = url.rsplit(":", 1)[1].split("/")[0]
     with log.open("ab") as out:
         server = subprocess.Popen(
@@ -100,18 +108,18 @@ def start_server(url: str, env: dict[str, str], log: Path) -> subprocess.Popen[b
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if server.poll() is not None:
             pytest.fail(f"prefect server exited {server.returncode}:\n{log.read_text()[-3000:]}")
         try:
-            if api(url, "/health") is True:
+            if api(url, "/health", timeout=request_timeout) is True:
                 return server
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             pass
         time.sleep(0.5)
     stop(server)
-    pytest.fail(f"prefect server not healthy after {SERVER_START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
+    pytest.fail(f"prefect server not healthy after {timeout_s} s:\n{log.read_text()[-3000:]}")
 
 
 def kill_group(process: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:

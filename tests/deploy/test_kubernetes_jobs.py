@@ -18,10 +18,8 @@ import copy
 import importlib.util
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -33,7 +31,7 @@ import pytest
 import yaml
 from kube_checks import ManifestError, check_document, check_job, pod_environment
 
-from prefect_server import api30, free_port
+from prefect_server import api30, free_port, start_server, stop
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -81,28 +79,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         "VITADAPTER_IMAGE": IMAGE,  # read by `prefect deploy` (prefect.yaml's k8s job variables)
         "MLFLOW_TRACKING_URI": MLFLOW_URI,
     }
-    log = root / "server.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    process = start_server(
+        url, env, root / "server.log", timeout_s=SERVER_START_TIMEOUT_S, request_timeout=30
+    )
     try:
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"prefect server exited {process.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if api30(url, "/health") is True:
-                    break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"prefect server not healthy after {SERVER_START_TIMEOUT_S} s")
-            time.sleep(0.5)
         running = Server(url, env)
         # the commands README "On a cluster" gives
         created = running.prefect(
@@ -119,13 +99,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         assert deployed.returncode == 0, deployed.stdout + deployed.stderr
         yield running
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=10)
+        stop(process)
 
 
 def _render(server: Server, deployment: str, job_variables: dict[str, Any], parameters: dict[str, Any]):

@@ -16,9 +16,6 @@ import json
 import os
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +26,7 @@ from pipelines.cli import main
 from pipelines.config.params import load_params
 from pipelines.config.strict import ParamsError
 from pipelines.orchestration.stages import run_signature
-from prefect_server import api30, free_port, stop
+from prefect_server import api30, free_port, start_server, stop
 
 BIN = Path(sys.executable).parent
 SERVER_START_TIMEOUT_S = 240
@@ -119,25 +116,9 @@ def test_two_pods_train_one_run_together(tmp_path: Path) -> None:
         "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(tmp_path / "results"),
     }
     logs = {name: tmp_path / f"{name}.log" for name in ("server", "pod0", "pod1")}
-    with logs["server"].open("wb") as out:
-        server = subprocess.Popen(
-            [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env=base,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    server = start_server(url, base, logs["server"], timeout_s=SERVER_START_TIMEOUT_S, request_timeout=30)
     pods: list[subprocess.Popen[bytes]] = []
     try:
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while True:
-            try:
-                if api30(url, "/health") is True:
-                    break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            assert server.poll() is None and time.monotonic() < deadline, logs["server"].read_text()[-3000:]
-            time.sleep(0.5)
         # a deployment as prefect.yaml's k8s ones are (the installed module, a working folder), and a flow run
         flow = api30(url, "/flows/", {"name": "experiment"})
         deployment = api30(
