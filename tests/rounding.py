@@ -42,9 +42,14 @@ first order), which is how the float64 checks get their bound.
 Branch points. ReLU masks and max-pool choices are not continuous: where float32 puts an input within its
 rounding error of the branch point (a *tie*), two correct implementations take different branches, and the
 gradients below differ by far more than rounding (train-mode BatchNorm spreads one flipped mask over its
-channel, then over everything below). :class:`BranchPins` records exact arithmetic's choices in a float64 run
-and makes another run take them; the tests pin such choices, and check that every choice they pinned was a
-tie (within the rounding band of its input).
+channel, then over everything below). The deformable attention's bilinear sampling has the same kind of
+branch: its value is continuous in the sampling location, but its gradient with respect to the location is
+the slope of the pixel cell the location falls in, which jumps at a pixel edge. A location within rounding
+of an edge (one emulated draw of the training step put one 2e-6 pixel from an edge on the other side, and
+the gradients of everything below that query moved by up to 89 times their rounding spread) takes either
+cell. :class:`BranchPins` records exact arithmetic's choices in a float64 run and makes another run take
+them; the tests pin such choices, and check that every choice they pinned was a tie (within the rounding
+band of its input).
 """
 
 from __future__ import annotations
@@ -59,6 +64,8 @@ from torch import nn
 from torch._decomp import decomposition_table
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
+from models.adapter.ms_deform_attn import MSDeformAttn
+
 aten = torch.ops.aten
 prims = torch.ops.prims
 
@@ -67,6 +74,11 @@ U64 = 2.0**-53  # float64 unit roundoff
 LAMBDA = 5.0  # the bound, in multiples of the emulated spread (see the module docstring)
 RUNS = 8  # independent emulated runs behind each spread
 TRANSCENDENTAL = 8  # error of exp, log, erf, tanh, ... in units of u (four ulp)
+# how far inside its pinned cell a sampling location is put, in units of float32's unit roundoff times the
+# map's size: the sampler recomputes the pixel coordinate from the location (``2 loc - 1``, then
+# ``((g + 1) W - 1) / 2`` or an equivalent order), a few roundings of size ``u W`` each, which must not carry
+# it back across the edge
+CELL_MARGIN = 16
 
 # no rounding: data movement, selections, comparisons, exact sign/abs/min/max, casts up to float64
 # fmt: off
@@ -343,22 +355,37 @@ def emulated_float32(seed: int, unit: float = U32) -> Iterator[RandomRounding]:
 
 
 class BranchPins:
-    """Exact arithmetic's ReLU masks and max-pool choices, recorded in one run and imposed on others.
+    """Exact arithmetic's branch choices, recorded in one run and imposed on others: ReLU masks, max-pool
+    picks, and the pixel cells of the deformable attention's bilinear samples.
 
     Modules are matched by name, so the run that records and the runs that follow may be copies of one model
     in other dtypes. Each module is expected to run once per forward (true of the models tested here).
+
+    A cell is imposed by moving the sampling location into the recorded cell, :data:`CELL_MARGIN` ``u W``
+    inside its edge, where the location lies on the other side or closer to the edge than that (the move
+    is detached: the location's gradient passes unchanged). Elsewhere the location is left as it is. The
+    size of the largest move of each module's latest imposed run is in :attr:`moved`: a tie's distance
+    from its edge plus the margin, which the tests check is within rounding.
     """
 
     def __init__(self) -> None:
         self.masks: dict[str, torch.Tensor] = {}  # ReLU name -> input > 0, from the recording run
         self.choices: dict[str, torch.Tensor] = {}  # max-pool name -> argmax indices
+        self.cells: dict[
+            str, torch.Tensor
+        ] = {}  # deformable attention name -> floor of the pixel coordinates
         self.inputs: dict[str, torch.Tensor] = {}  # branch name -> its input in the latest run
+        self.recorded: dict[str, torch.Tensor] = {}  # branch name -> its input in the recording run
+        self.moved: dict[str, float] = {}  # deformable attention name -> largest move (pixels), latest run
+        self.margins: dict[
+            str, float
+        ] = {}  # deformable attention name -> the largest margin it used (pixels)
         self.pools: dict[str, nn.MaxPool2d] = {}  # max-pool name -> the module (its window)
 
     @staticmethod
     def _branches(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         for name, module in model.named_modules():
-            if isinstance(module, nn.ReLU | nn.MaxPool2d):
+            if isinstance(module, nn.ReLU | nn.MaxPool2d | MSDeformAttn):
                 yield name, module
 
     @contextlib.contextmanager
@@ -377,29 +404,38 @@ class BranchPins:
     def _patched(self, model: nn.Module, impose: bool) -> Iterator[None]:
         patched = []
         for name, module in self._branches(model):
-            module.forward = self._forward(name, module, impose)
-            patched.append(module)
+            method = "sample" if isinstance(module, MSDeformAttn) else "forward"
+            setattr(module, method, self._forward(name, module, impose))
+            patched.append((module, method))
         try:
             yield
         finally:
-            for module in patched:
-                del module.forward  # back to the class's forward
+            for module, method in patched:
+                delattr(module, method)  # back to the class's method
 
-    def _forward(self, name: str, module: nn.Module, impose: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _input(self, name: str, x: torch.Tensor, impose: bool) -> None:
+        self.inputs[name] = x.detach().clone()
+        if not impose:
+            self.recorded[name] = self.inputs[name]
+
+    def _forward(self, name: str, module: nn.Module, impose: bool) -> Callable[..., torch.Tensor]:
         if isinstance(module, nn.ReLU):
 
             def relu(x: torch.Tensor) -> torch.Tensor:
-                self.inputs[name] = x.detach().clone()
+                self._input(name, x, impose)
                 if not impose:
                     self.masks[name] = x.detach() > 0
                 return x * self.masks[name].to(x.dtype)
 
             return relu
 
+        if isinstance(module, MSDeformAttn):
+            return self._sampler(name, module, impose)
+
         self.pools[name] = module
 
         def max_pool(x: torch.Tensor) -> torch.Tensor:
-            self.inputs[name] = x.detach().clone()
+            self._input(name, x, impose)
             pooled, indices = nn.functional.max_pool2d(
                 x,
                 module.kernel_size,
@@ -417,6 +453,32 @@ class BranchPins:
             return x.flatten(2).gather(2, chosen.flatten(2)).view_as(chosen)
 
         return max_pool
+
+    def _sampler(self, name: str, module: MSDeformAttn, impose: bool) -> Callable[..., torch.Tensor]:
+        sample = type(module).sample.__get__(module)
+
+        def pinned(value, spatial_shapes, locations, weights):
+            with _disable_current_modes():  # the pin's own arithmetic is exact (float64), not emulated
+                # (L, 2) as (W, H), broadcast over (B, Q, M, L, P, 2)
+                size = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=torch.float64)
+                size = size.to(locations.device)[None, None, None, :, None, :]
+                pixel = (
+                    locations.detach().double() * size - 0.5
+                )  # grid_sample's coordinate (align_corners=False)
+                self._input(name, pixel, impose)
+                if not impose:
+                    self.cells[name] = pixel.floor()
+                    return sample(value, spatial_shapes, locations, weights)
+                cell = self.cells[name]
+                margin = CELL_MARGIN * U32 * size
+                target = torch.minimum(torch.maximum(pixel, cell + margin), cell + 1 - margin)
+                move = torch.where(target != pixel, (target - pixel) / size, torch.zeros_like(pixel))
+                self.moved[name] = float((target - pixel).abs().max())
+                self.margins[name] = float(margin.max())
+                move = move.to(locations.dtype)
+            return sample(value, spatial_shapes, locations + move, weights)
+
+        return pinned
 
 
 def spread(deviations: list[torch.Tensor]) -> dict[str, float]:

@@ -135,5 +135,19 @@ class MSDeformAttn(nn.Module):
         locations = reference_points.to(core)[:, :, None, :, None, :] + (
             offsets / normalizer[None, None, None, :, None, :]
         ).to(core)
-        out = ms_deform_attn(value.to(core), spatial_shapes, locations, weights, backend=self.backend)
+        out = self.sample(value.to(core), spatial_shapes, locations, weights)
         return self.output_proj(out.to(value.dtype))
+
+    def sample(
+        self,
+        value: torch.Tensor,
+        spatial_shapes: Sequence[tuple[int, int]],
+        locations: torch.Tensor,
+        weights: torch.Tensor,
+    ) -> torch.Tensor:
+        """The bilinear sampling and weighted sum (:func:`cuda_ops.ms_deform_attn` on the module's backend).
+
+        A method of its own so that the rounding checks can pin its bilinear cells per module instance
+        (a sampling location within rounding of a pixel edge: tests/rounding.py ``BranchPins``).
+        """
+        return ms_deform_attn(value, spatial_shapes, locations, weights, backend=self.backend)

@@ -21,7 +21,9 @@ kinds of check:
   picks) are pinned to exact arithmetic's, and every choice float32 made differently is a tie (its input
   within ``LAMBDA sigma`` of the branch point). Gradients with free ties differ by much more (a flipped
   ReLU mask in train-mode BatchNorm moves its whole channel and everything below it; three such ties on
-  one x86 CPU moved them by 2e-3 relative), which is why they are pinned rather than bounded.
+  one x86 CPU moved them by 2e-3 relative; a deformable-attention sample on the other side of a pixel edge
+  moved the gradients below its query by up to 89 times their spread), which is why they are pinned rather
+  than bounded.
 * **exactly**: every parameter's group, lr and weight decay, and every group's lr at the recorded
   iterations; ``acc_seg`` up to pixels whose top-2 logits are within rounding of each other.
 
@@ -175,6 +177,7 @@ def check_float32_forward(exact: step.StepRun, ours32: step.StepRun) -> None:
 
 def test_float32_gradients_within_float32_rounding_with_the_ties_pinned(exact, pinned32) -> None:
     check_float32_gradients(exact[0], pinned32)
+    check_cell_pins_moved_only_ties(exact[1])
 
 
 def check_float32_gradients(exact: step.StepRun, pinned32: step.StepRun) -> None:
@@ -185,20 +188,36 @@ def check_float32_gradients(exact: step.StepRun, pinned32: step.StepRun) -> None
         assert error <= LAMBDA * sigma(key), (name, error, LAMBDA * sigma(key))
 
 
+def check_cell_pins_moved_only_ties(pins: BranchPins) -> None:
+    """The pinned run's bilinear cells moved its sampling locations by at most a tie's width: the location's
+    rounding band (LAMBDA times its spread) plus the margin the pin keeps from the cell's edge."""
+    assert set(pins.moved) == set(pins.cells)
+    for name, moved in pins.moved.items():
+        band = LAMBDA * BOUNDS["branches"][name]["element"]
+        assert moved <= band + pins.margins[name], (name, moved, band, pins.margins[name])
+
+
 def test_float32_takes_another_branch_only_at_ties(exact, free32) -> None:
-    """Each ReLU input float32 puts on the other side of 0, and each max-pool pick it makes differently,
-    lies within float32's rounding band of the branch point (the band: LAMBDA times the input's spread)."""
+    """Each ReLU input float32 puts on the other side of 0, each max-pool pick it makes differently, and
+    each bilinear sample it puts in another pixel cell, lies within float32's rounding band of the branch
+    point (the band: LAMBDA times the input's spread)."""
     _, pins = exact
     _, ours = free32
-    assert set(ours.inputs) == set(pins.inputs) == set(BOUNDS["branches"])
-    # the ReLUs after each BatchNorm, and the stem's max-pool
-    assert len(pins.masks) == 19 and len(pins.choices) == 1
-    for name, exact_input in pins.inputs.items():
+    assert set(ours.inputs) == set(pins.recorded) == set(BOUNDS["branches"])
+    # the ReLUs after each BatchNorm, the stem's max-pool, and the adapter's 10 deformable attentions
+    assert len(pins.masks) == 19 and len(pins.choices) == 1 and len(pins.cells) == 10
+    for name, exact_input in pins.recorded.items():
         band = LAMBDA * BOUNDS["branches"][name]["element"]
         if name in pins.masks:
             differ = ours.masks[name] != pins.masks[name]
             assert (exact_input[differ].abs() <= band).all(), (name, exact_input[differ].abs().max(), band)
             assert ((ours.inputs[name].double() - exact_input)[differ].abs() <= band).all(), name
+        elif name in pins.cells:  # another cell: a neighbour, across an edge within the band of both inputs
+            differ = ours.cells[name] != pins.cells[name]
+            assert ((ours.cells[name] - pins.cells[name])[differ].abs() == 1).all(), name
+            edge = torch.maximum(ours.cells[name], pins.cells[name])[differ]
+            assert ((exact_input[differ] - edge).abs() <= band).all(), name
+            assert ((ours.inputs[name][differ] - edge).abs() <= band).all(), name
         else:  # a pick float32 makes differently: exact arithmetic's two candidates within twice the band
             differ = ours.choices[name] != pins.choices[name]
             flat = exact_input.flatten(2)  # (B, C, H*W)
