@@ -19,19 +19,23 @@ import sys
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from data.atomic import file_sha256, write_text_atomic
 from data.atomic import write_json_atomic as write_json
 from pipelines.config.params import Params, ParamsError, RunParams
 from pipelines.orchestration.guardian import record_failure, run_guarded, watch
-from pipelines.orchestration.tracked import data_inputs, run_tags, train_tracked
 from pipelines.reporting.records import FALLBACK_DB
 from pipelines.reporting.report import report_markdown, report_rows
-from pipelines.runs import evaluation as evaluation_module
 from pipelines.runs.folder import RunFolder, signature_of
 from pipelines.runs.recipe_diff import folder_training_diff
-from pipelines.runs.training import RunSpec
+
+if TYPE_CHECKING:
+    from pipelines.runs.training import RunSpec
+
+# torch, timm and the models (pipelines.orchestration.tracked, pipelines.runs.training and .evaluation) are
+# imported by the stages that run a model, not at import: the prepare, weights and report stages (a DVC stage
+# is a process of its own) start in a fraction of the time without them
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +146,8 @@ def init_from_path(params: Params, run: RunParams) -> str:
 
 def run_spec(params: Params, name: str) -> RunSpec:
     """The :class:`pipelines.runs.training.RunSpec` of run ``name``."""
+    from pipelines.runs.training import RunSpec
+
     run = params.run(name)
     return RunSpec(
         name=run.config,
@@ -235,6 +241,7 @@ def _train_here(params: Params, name: str) -> dict[str, Any]:
     """The train stage of run ``name`` in this process (one of the ranks under torchrun)."""
     run = params.run(name)
     from pipelines.engine.distributed import barrier, init_distributed
+    from pipelines.orchestration.tracked import train_tracked
     from pipelines.reporting.tracking import Tracker
 
     spec = run_spec(params, name)
@@ -360,8 +367,10 @@ def write_curves(params: Params, name: str) -> None:
 def evaluate_stage(params: Params, name: str, mode: str) -> dict[str, Any]:
     """Evaluate run ``name`` single- (``ss``) or multi-scale (``ms``), compare with the published number."""
     from pipelines.engine.distributed import init_distributed
+    from pipelines.orchestration.tracked import data_inputs
     from pipelines.reporting.confusion import write_confusion
     from pipelines.reporting.tracking import Tracker
+    from pipelines.runs import evaluation as evaluation_module
     from pipelines.runs.inputs import model_from_checkpoint
 
     run = params.run(name)
@@ -471,6 +480,8 @@ def report_stage(params: Params) -> dict[str, Any]:
 
 
 def _tags(params: Params, name: str, run: RunParams, *, stage: str) -> dict[str, str]:
+    from pipelines.orchestration.tracked import run_tags
+
     index_sha = read_record(params, f"data/{run.dataset}.json").get("index_sha256", "")
     return run_tags(
         name, run, dataset=run.dataset, index_sha256=index_sha, stage=stage, overrides=run.overrides
