@@ -20,6 +20,7 @@ Run: ``.venv/bin/python tools/float_matrix.py [--tests FILE ...] [--only NAME ..
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import logging
 import os
@@ -86,6 +87,17 @@ def planted_failures() -> dict[str, list[str]]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _commit() -> str:
+    """The checked-out commit, with ``+changes`` when the tree differs from it."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True
+    )
+    if head.returncode != 0:
+        return "unknown"
+    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+
+
 def machine() -> dict[str, str]:
     import torch
 
@@ -133,7 +145,15 @@ def main() -> None:
             env, setup = CONFIGURATIONS[name]
             status, summary, seconds = run_pytest(["-q", "-p", "no:cacheprovider", *args.tests], env, setup)
             tests = args.tests
-        runs[name] = {"exit_status": status, "summary": summary, "seconds": round(seconds), "tests": tests}
+        runs[name] = {
+            "exit_status": status,
+            "summary": summary,
+            "seconds": round(seconds),
+            "tests": tests,
+            # the entries of one file may come from several invocations: each says which tree it ran on
+            "commit": _commit(),
+            "date": datetime.date.today().isoformat(),
+        }
         log.info("%-40s exit %d  %s  (%.0f s)", name, status, summary, seconds)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     tmp = RESULTS.with_suffix(".tmp")
