@@ -371,15 +371,13 @@ class BranchPins:
     def __init__(self) -> None:
         self.masks: dict[str, torch.Tensor] = {}  # ReLU name -> input > 0, from the recording run
         self.choices: dict[str, torch.Tensor] = {}  # max-pool name -> argmax indices
-        self.cells: dict[
-            str, torch.Tensor
-        ] = {}  # deformable attention name -> floor of the pixel coordinates
+        # deformable attention name -> the floor of its pixel coordinates, from the recording run
+        self.cells: dict[str, torch.Tensor] = {}
         self.inputs: dict[str, torch.Tensor] = {}  # branch name -> its input in the latest run
         self.recorded: dict[str, torch.Tensor] = {}  # branch name -> its input in the recording run
         self.moved: dict[str, float] = {}  # deformable attention name -> largest move (pixels), latest run
-        self.margins: dict[
-            str, float
-        ] = {}  # deformable attention name -> the largest margin it used (pixels)
+        # deformable attention name -> the largest margin it kept from an edge (pixels), latest run
+        self.margins: dict[str, float] = {}
         self.pools: dict[str, nn.MaxPool2d] = {}  # max-pool name -> the module (its window)
 
     @staticmethod
@@ -462,9 +460,8 @@ class BranchPins:
                 # (L, 2) as (W, H), broadcast over (B, Q, M, L, P, 2)
                 size = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=torch.float64)
                 size = size.to(locations.device)[None, None, None, :, None, :]
-                pixel = (
-                    locations.detach().double() * size - 0.5
-                )  # grid_sample's coordinate (align_corners=False)
+                # grid_sample's pixel coordinate (align_corners=False)
+                pixel = locations.detach().double() * size - 0.5
                 self._input(name, pixel, impose)
                 if not impose:
                     self.cells[name] = pixel.floor()
@@ -472,10 +469,9 @@ class BranchPins:
                 cell = self.cells[name]
                 margin = CELL_MARGIN * U32 * size
                 target = torch.minimum(torch.maximum(pixel, cell + margin), cell + 1 - margin)
-                move = torch.where(target != pixel, (target - pixel) / size, torch.zeros_like(pixel))
                 self.moved[name] = float((target - pixel).abs().max())
                 self.margins[name] = float(margin.max())
-                move = move.to(locations.dtype)
+                move = ((target - pixel) / size).to(locations.dtype)  # exactly 0 where nothing moves
             return sample(value, spatial_shapes, locations + move, weights)
 
         return pinned

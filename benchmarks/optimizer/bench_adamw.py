@@ -5,18 +5,14 @@ torch already picks on CUDA. This measures the step time of both on the demo's m
 of ``params.yaml``: Mask2Former BEiT-Adapter, ``tiny`` preset, its overrides) with the recipe's parameter
 groups, from one set of gradients, and checks that the parameters after the steps are bitwise equal.
 
-Run: ``.venv/bin/python benchmarks/optimizer/bench_adamw.py [--steps 30] [--out benchmarks/optimizer/results.json]``
+Run: ``.venv/bin/python benchmarks/optimizer/bench_adamw.py [--steps 100] [--out benchmarks/optimizer/results.json]``
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import json
-import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,31 +22,16 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from benchmarks.train_step.common import metadata  # noqa: E402
 from data.atomic import write_json_atomic  # noqa: E402
 from models.builder import create_segmentor  # noqa: E402
 from pipelines.config.params import load_params  # noqa: E402
 from pipelines.engine.optim import build_optimizer  # noqa: E402
 
 
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=30, help="timed steps per implementation (default 30)")
+    parser.add_argument("--steps", type=int, default=100, help="timed steps per implementation (default 100)")
     parser.add_argument("--run", default="coco_stage", help="the params.yaml run whose model is used")
     parser.add_argument("--out", type=Path, help="write the results here (JSON) as well as printing them")
     args = parser.parse_args()
@@ -90,12 +71,7 @@ def main() -> None:
         "steps": args.steps,
         "results": results,
         "bitwise_equal_after_all_steps": equal,
-        "machine": {"cpu": _cpu_model(), "cores": os.cpu_count(), "platform": platform.platform()},
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "date": datetime.date.today().isoformat(),
-        "commit": _commit(),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "meta": metadata(torch.device("cpu"), "cpu"),
     }
     print(json.dumps(out, indent=1))
     if args.out:
