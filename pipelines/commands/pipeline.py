@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from pipelines.config.params import DEFAULT_PATHS
 
@@ -74,11 +75,16 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     params = _params(args)
     params.run(args.run)
-    if not _as_flow_run(args):
-        return _print(evaluate_stage(params, args.run, args.mode))
-    from pipelines.commands.flow import run_stage_flow
+    modes = list(dict.fromkeys(args.mode))  # in the given order, each once
+    results: dict[str, Any] = {}
+    for mode in modes:  # one after the other: a failure stops the stage, the modes finished before it stay
+        if _as_flow_run(args):
+            from pipelines.commands.flow import run_stage_flow
 
-    return _print(run_stage_flow("evaluate", args.run, mode=args.mode, params_file=args.params))
+            results[mode] = run_stage_flow("evaluate", args.run, mode=mode, params_file=args.params)
+        else:
+            results[mode] = evaluate_stage(params, args.run, mode)
+    return _print(results[modes[0]] if len(modes) == 1 else results)
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -129,7 +135,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="the pipeline's stages (what dvc repro runs) and dvc.yaml generation",
         description=(
             "Stages of the reproducible graph, driven by params.yaml: prepare DATASET -> weights -> train RUN -> "
-            "evaluate RUN --mode ss|ms -> report. `dvc repro` runs them in order; each can also be run by hand. "
+            "evaluate RUN --mode ss [ms] -> report. `dvc repro` runs them in order; each can also be run by hand. "
             "train and evaluate run as Prefect flow runs (on Prefect's temporary local server unless "
             "PREFECT_API_URL names a server)."
         ),
@@ -153,7 +159,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate = add("evaluate", _evaluate, "evaluate a trained run and compare with its published number")
     evaluate.add_argument("run", help="a run listed under runs in params.yaml")
     evaluate.add_argument(
-        "--mode", choices=("ss", "ms"), required=True, help="single-scale or multi-scale + flip"
+        "--mode",
+        choices=("ss", "ms"),
+        nargs="+",
+        required=True,
+        help="single-scale and/or multi-scale + flip, evaluated in this order in one process (the dvc.yaml stage "
+        "gives all of the run's eval.modes); prints the result, or one result per mode for several",
     )
     evaluate.add_argument("--prefect", **PREFECT_OPTION)
     add("report", _report, "write the comparison report and refresh the MLflow reference experiment")

@@ -1,7 +1,7 @@
 """``dvc.yaml`` from ``params.yaml``: one stage per dataset, run and evaluation, in the pipeline's order.
 
 prepare_<dataset> (a dataset card's stage depends on the card and the files it names) -> weights -> train_<run> (a run that starts from another run depends on its run
-folder: the two-stage chain) -> evaluate_<run>_<mode> -> report. Stage commands are
+folder: the two-stage chain) -> evaluate_<run> (each of its eval modes) -> report. Stage commands are
 ``vitadapter pipeline ...``; outputs go under ``artifacts/`` (DVC-tracked, git-ignored) and small
 metrics JSON under ``metrics/`` (git-tracked: ``cache: false``). Run folders are ``persist``-ed so that
 an interrupted ``dvc repro`` resumes training instead of starting over.
@@ -23,7 +23,7 @@ from pipelines.config.params import TRAINING_KEYS, Params
 
 HEADER = (
     "# Generated from params.yaml by `vitadapter pipeline dvc-yaml --write`; edit params.yaml, then regenerate.\n"
-    "# prepare_<dataset> -> weights -> train_<run> (-> the runs that start from it) -> evaluate_<run>_<mode> -> report\n"
+    "# prepare_<dataset> -> weights -> train_<run> (-> the runs that start from it) -> evaluate_<run> -> report\n"
 )
 
 
@@ -144,16 +144,18 @@ def build_dvc_graph(
                 },
             ],
         }
-        for mode in run.eval.modes:
-            out = params.metrics_dir(name) / f"eval_{mode}.json"
-            eval_metrics.append(str(out))
-            stages[f"evaluate_{name}_{mode}"] = {
-                "cmd": f"vitadapter pipeline evaluate {name} --mode {mode} --params {params_file}",
-                "deps": [str(params.run_dir(name)), str(params.data_dir(run.dataset))],
-                "params": [{params_file: _present(raw, name, ("eval",)) or [f"runs.{name}.config"]}],
-                "outs": [str(Path(params.paths.reports) / name / f"overlays_{mode}")],
-                "metrics": [_metric(out)],
-            }
+        # one stage evaluates every mode of the run in one process: the imports of torch, timm and mlflow and
+        # the store's opening (about 10 s) once, not once a mode; each mode keeps its own outputs and fingerprint
+        modes = list(run.eval.modes)
+        outs = [params.metrics_dir(name) / f"eval_{mode}.json" for mode in modes]
+        eval_metrics.extend(str(out) for out in outs)
+        stages[f"evaluate_{name}"] = {
+            "cmd": f"vitadapter pipeline evaluate {name} --mode {' '.join(modes)} --params {params_file}",
+            "deps": [str(params.run_dir(name)), str(params.data_dir(run.dataset))],
+            "params": [{params_file: _present(raw, name, ("eval",)) or [f"runs.{name}.config"]}],
+            "outs": [str(Path(params.paths.reports) / name / f"overlays_{mode}") for mode in modes],
+            "metrics": [_metric(out) for out in outs],
+        }
     stages["report"] = {
         "cmd": f"vitadapter pipeline report --params {params_file}",
         "deps": eval_metrics,

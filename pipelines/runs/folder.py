@@ -14,7 +14,7 @@ What decides what (the one table, also in README "What reruns what"):
 
 * DVC reruns ``train_<run>`` when a parameter of the run's training definition changes (the keys of
   :data:`pipelines.config.params.TRAINING_KEYS` and the weight-defining knobs of
-  :func:`pipelines.config.knobs.weight_defining_knobs`), and ``evaluate_<run>_<mode>`` when ``eval`` changes;
+  :func:`pipelines.config.knobs.weight_defining_knobs`), and ``evaluate_<run>`` when ``eval`` changes;
 * Prefect's cache key of a stage task hashes the same definition (plus the flow run), so an evaluation
   setting never invalidates a training task;
 * the run signature (the hash of that definition) decides, when a training stage starts, whether the run

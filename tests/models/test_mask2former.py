@@ -196,6 +196,69 @@ def test_matcher_with_no_targets_and_more_targets_than_queries() -> None:
     assert len(queries) == len(targets) == 2
 
 
+def test_batch_matching_equals_image_by_image_matching() -> None:
+    """``match_batch`` (what the criterion calls) against ``__call__`` image by image after the same seed: the
+    same points, the same assignments, and costs equal to the sums' rounding.
+
+    Both compute every element the same way; only the sums over the P points (two BCE products, the dice
+    product, ``sum(p)``; all of non-negative terms) may add in another order. A float32 sum of P non-negative
+    terms lies within gamma_P = P u / (1 - P u) (u = 2^-24) of its exact value relative to itself, so two orders
+    differ by at most 2 gamma_P of it: the BCE cost by 2 gamma_P times itself, the dice cost
+    1 - (2n + 1) / (d + 1) by 2 gamma_P (2n + 1) / (d + 1) for each of n and d (2 gamma_P (1 - dice) each, so
+    4 gamma_P (1 - dice) in all), and the weighted sum adds 2 u of each magnitude.
+    """
+    gen = torch.Generator().manual_seed(4)
+    batch, queries, classes, points = 4, 6, 5, 200
+    cls_logits = torch.randn(batch, queries, classes + 1, generator=gen)
+    mask_logits = 3 * torch.randn(batch, queries, 8, 8, generator=gen)
+    labels = torch.randint(0, 3, (batch, 16, 16), generator=gen)
+    labels[1] = 255  # nothing but ignore: no targets, no points drawn
+    labels[2, :, :4] = 4
+    targets = [(c, m.float()) for c, m in semantic_targets(labels, num_classes=classes)]
+    matcher = HungarianMatcher(cls_weight=2.0, mask_weight=5.0, dice_weight=5.0, num_points=points)
+
+    torch.manual_seed(7)
+    batched = matcher.match_batch(cls_logits, mask_logits, targets)
+    after_batched = torch.rand(3)
+    torch.manual_seed(7)
+    single = [matcher(cls_logits[b], mask_logits[b], *targets[b]) for b in range(batch)]
+    assert torch.equal(after_batched, torch.rand(3))  # the same draws: none for the image without targets
+    for (q_batch, g_batch), (q_single, g_single) in zip(batched, single, strict=True):
+        assert q_batch.tolist() == q_single.tolist() and g_batch.tolist() == g_single.tolist()
+    assert batched[1][0].numel() == 0
+
+    torch.manual_seed(7)
+    with_targets = [b for b in range(batch) if targets[b][0].numel()]
+    drawn = torch.rand(len(with_targets), points, 2)
+    costs = matcher.batch_cost_matrices(
+        cls_logits[with_targets], mask_logits[with_targets], [targets[b] for b in with_targets], drawn
+    )
+    u = 2.0**-24
+    gamma = points * u / (1 - points * u)
+    for n, b in enumerate(with_targets):
+        count = targets[b][0].numel()
+        one = matcher.cost_matrix(cls_logits[b], mask_logits[b], *targets[b], drawn[n])
+        pred = point_sample(mask_logits[b][None], drawn[n][None])[0]
+        gt = point_sample(targets[b][1][None], drawn[n][None])[0]
+        bce = mask_bce_reference(pred, gt)
+        dice_complement = 1 - dice_reference(pred, gt)
+        bound = 5.0 * 2 * gamma * bce + 5.0 * 4 * gamma * dice_complement + 2 * u * (2.0 + 5.0 * bce + 5.0)
+        assert ((costs[n, :, :count] - one).abs() <= bound).all()
+
+
+def mask_bce_reference(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """(Q, P), (G, P) -> (Q, G) mean BCE over the points, pair by pair (the cost's definition)."""
+    return torch.stack([torch.stack([F.binary_cross_entropy_with_logits(p, t) for t in gt]) for p in pred])
+
+
+def dice_reference(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """(Q, P), (G, P) -> (Q, G) naive dice loss (eps 1), pair by pair."""
+    probs = pred.sigmoid()
+    return torch.stack(
+        [torch.stack([1 - (2 * (p * t).sum() + 1) / (p.sum() + t.sum() + 1) for t in gt]) for p in probs]
+    )
+
+
 # ---------------------------------------------------------------- criterion
 
 

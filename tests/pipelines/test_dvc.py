@@ -43,12 +43,19 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]
     }
     _run(["git", "init", "-q"], root, env)
     _run([str(BIN / "dvc"), "init", "-q"], root, env)
-    params_file = write_params(root / "params.yaml", micro_params())
-    (root / "dvc.yaml").write_text(render_dvc_yaml(load_params(params_file), raw=micro_params()))
+    params_file = write_params(root / "params.yaml", _both_modes())
+    (root / "dvc.yaml").write_text(render_dvc_yaml(load_params(params_file), raw=_both_modes()))
     (root / ".gitignore").write_text("mlflow.db\n")
     _run(["git", "add", "-A"], root, env)
     _run(["git", "commit", "-qm", "micro pipeline"], root, env)
     return root, env
+
+
+def _both_modes() -> dict:
+    """The micro params evaluating single- and multi-scale: one stage runs both (the demo's graph)."""
+    params = micro_params()
+    params["runs"]["tiny"]["eval"]["modes"] = ["ss", "ms"]
+    return params
 
 
 def _second_max_iters(tree: object) -> list[int]:
@@ -66,7 +73,7 @@ def _second_max_iters(tree: object) -> list[int]:
 def test_repro_runs_the_graph_then_only_what_changed(repo) -> None:
     root, env = repo
     first = _run([str(BIN / "dvc"), "repro"], root, env)
-    for stage in ("prepare_ade20k", "weights", "train_tiny", "evaluate_tiny_ss", "report"):
+    for stage in ("prepare_ade20k", "weights", "train_tiny", "evaluate_tiny", "report"):
         assert f"Running stage '{stage}'" in first.stdout, stage
     evaluation = json.loads((root / "metrics" / "tiny" / "eval_ss.json").read_text())
     assert evaluation["published_miou"] == 42.6 and evaluation["delta_miou"] is not None
@@ -75,6 +82,10 @@ def test_repro_runs_the_graph_then_only_what_changed(repo) -> None:
     )  # numbers only: few DVC columns
     record = json.loads((root / "artifacts" / "reports" / "records" / "tiny" / "eval_ss.json").read_text())
     assert record["mode"] == "ss" and record["config"] == "upernet_deit_adapter_tiny_512_160k_ade20k"
+    # the one evaluation stage ran both modes, each with its own records and overlays
+    multi = json.loads((root / "artifacts" / "reports" / "records" / "tiny" / "eval_ms.json").read_text())
+    assert multi["mode"] == "ms" and json.loads((root / "metrics" / "tiny" / "eval_ms.json").read_text())
+    assert (root / "artifacts" / "reports" / "tiny" / "overlays_ms").is_dir()
     assert json.loads((root / "metrics" / "tiny" / "train.json").read_text())["iterations"] == 4
     assert len(json.loads((root / "metrics" / "tiny" / "train_curve.json").read_text())) == 2
     assert "| tiny |" in (root / "artifacts" / "reports" / "report.md").read_text()
@@ -105,15 +116,14 @@ def test_repro_runs_the_graph_then_only_what_changed(repo) -> None:
     _run(["git", "commit", "-qm", "results"], root, env)
 
     # a changed evaluation setting reruns the evaluation and the report only
-    params = micro_params()
+    params = _both_modes()
     params["runs"]["tiny"]["eval"]["limit"] = 3
     write_params(root / "params.yaml", params)
     diff = _run([str(BIN / "dvc"), "params", "diff"], root, env)
     assert "runs.tiny.eval.limit" in diff.stdout
     rerun = _run([str(BIN / "dvc"), "repro"], root, env)
     assert (
-        "Running stage 'evaluate_tiny_ss'" in rerun.stdout
-        and "Running stage 'train_tiny'" not in rerun.stdout
+        "Running stage 'evaluate_tiny'" in rerun.stdout and "Running stage 'train_tiny'" not in rerun.stdout
     )
     metrics = _run([str(BIN / "dvc"), "metrics", "diff", "--json"], root, env)
     assert "metrics/tiny/eval_ss.json" in metrics.stdout
@@ -137,7 +147,7 @@ def test_failing_stage_stops_repro(repo, tmp_path: Path) -> None:
     root, env = repo
     broken = tmp_path / "broken"
     shutil.copytree(root, broken, ignore=shutil.ignore_patterns("artifacts", ".dvc/cache", "mlflow.db"))
-    params = micro_params()
+    params = _both_modes()
     params["datasets"]["ade20k"] = {"source": "raw", "raw": str(tmp_path / "no_such_download")}
     write_params(broken / "params.yaml", params)
     result = subprocess.run(

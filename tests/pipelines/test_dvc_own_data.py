@@ -95,7 +95,7 @@ def test_dvc_repro_prepares_trains_evaluates_and_reports_a_card(
     _run(["git", "commit", "-qm", "own data"], root, env)
 
     first = _run([str(BIN / "dvc"), "repro"], root, env)
-    for stage in ("prepare_toppings", "weights", "train_own", "evaluate_own_ss", "report"):
+    for stage in ("prepare_toppings", "weights", "train_own", "evaluate_own", "report"):
         assert f"Running stage '{stage}'" in first.stdout, stage
     index = json.loads((root / "artifacts" / "data" / "toppings" / "index.json").read_text())
     assert index["class_names"] == list(CLASSES) and index["source"]["kind"] == "own"

@@ -142,12 +142,14 @@ class Mask2FormerCriterion:
         class_targets = torch.full(
             (batch, queries), self.num_classes, dtype=torch.int64, device=cls_pred.device
         )
-        matched_preds, matched_masks = [], []
-        for b, (gt_labels, gt_masks) in enumerate(targets):
-            query_idx, gt_idx = self.matcher(cls_pred[b].detach(), mask_pred[b].detach(), gt_labels, gt_masks)
-            class_targets[b, query_idx] = gt_labels[gt_idx]
-            matched_preds.append(mask_pred[b, query_idx])
-            matched_masks.append(gt_masks[gt_idx])
+        matches = self.matcher.match_batch(cls_pred.detach(), mask_pred.detach(), targets)
+        # the matched (image, query) pairs and their targets, image by image: one index of the batch
+        batch_idx = torch.cat([torch.full_like(query_idx, b) for b, (query_idx, _) in enumerate(matches)])
+        query_idx = torch.cat([query_idx for query_idx, _ in matches])
+        class_targets[batch_idx, query_idx] = torch.cat(
+            [gt_labels[gt_idx] for (gt_labels, _), (_, gt_idx) in zip(targets, matches, strict=True)]
+        )
+        preds = mask_pred[batch_idx, query_idx]  # (N, h, w)
         # weighted mean = sum(w[t] * ce) / sum(w[t]), the reference's avg_factor
         # (B, Q, K + 1) -> (B*Q, K + 1) and (B, Q) -> (B*Q,)
         loss_cls = F.cross_entropy(
@@ -155,7 +157,6 @@ class Mask2FormerCriterion:
             class_targets.flatten(),
             weight=self.class_weights(cls_pred.device).to(dtype),
         )
-        preds = torch.cat(matched_preds)  # (N, h, w)
         if preds.shape[0] == 0:
             zero = mask_pred.sum() * 0.0
             return {
@@ -163,7 +164,9 @@ class Mask2FormerCriterion:
                 "loss_mask": zero,
                 "loss_dice": zero,
             }
-        masks = torch.cat(matched_masks)  # (N, H, W)
+        masks = torch.cat(
+            [gt_masks[gt_idx] for (_, gt_masks), (_, gt_idx) in zip(targets, matches, strict=True)]
+        )
         points = uncertain_point_coords(
             preds.unsqueeze(1).detach(),
             num_points=self.num_points,

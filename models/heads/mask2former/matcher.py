@@ -21,6 +21,8 @@ reference's assigner fails inside scipy instead.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -100,6 +102,105 @@ class HungarianMatcher:
         )
 
     @torch.no_grad()
+    def batch_cost_matrices(
+        self,
+        cls_logits: torch.Tensor,
+        mask_logits: torch.Tensor,
+        targets: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        points: torch.Tensor,
+    ) -> torch.Tensor:
+        """:meth:`cost_matrix` of several images at once, the targets padded to the most of any image.
+
+        Element-wise the same operations as :meth:`cost_matrix` image by image; only the three sums over the
+        points (and ``sum(p)``) run as one batched product instead of one per image, so their rounding order
+        may differ (each sum by at most its length times float32's unit roundoff, relative to its terms).
+
+        Args:
+            cls_logits: (N, Q, K + 1).
+            mask_logits: (N, Q, h, w).
+            targets: N (labels (G_n,), masks (G_n, H, W)); every image has at least one target.
+            points: (N, P, 2) in [0, 1], image n's points at ``points[n]``.
+
+        Returns:
+            (N, Q, G) with G the most targets of any image; entries ``[n, :, G_n:]`` are padding.
+        """
+        count, padded = len(targets), max(labels.numel() for labels, _ in targets)
+        size = targets[0][1].shape[-2:]
+        gt_labels = torch.zeros(count, padded, dtype=torch.int64, device=cls_logits.device)
+        gt_masks = torch.zeros(count, padded, *size, device=mask_logits.device)
+        for n, (labels, masks) in enumerate(targets):
+            gt_labels[n, : labels.numel()] = labels
+            gt_masks[n, : labels.numel()] = masks
+        # (N, Q, P) and (N, G, P): queries and targets as channels, image n sampled at its own points
+        pred_points = point_sample(mask_logits.float(), points)
+        gt_points = point_sample(gt_masks, points)
+        # (N, Q, K + 1) -> (N, Q, G): -softmax(cls)[gt] of every query and (padded) target
+        cls_cost = -torch.gather(
+            cls_logits.float().softmax(-1), 2, gt_labels[:, None, :].expand(-1, cls_logits.shape[1], -1)
+        )
+        pos = F.binary_cross_entropy_with_logits(pred_points, torch.ones_like(pred_points), reduction="none")
+        neg = F.binary_cross_entropy_with_logits(pred_points, torch.zeros_like(pred_points), reduction="none")
+        bce = (
+            torch.einsum("nqp,ngp->nqg", pos, gt_points) + torch.einsum("nqp,ngp->nqg", neg, 1 - gt_points)
+        ) / (pred_points.shape[2])
+        probs = pred_points.sigmoid()
+        numerator = 2 * torch.einsum("nqp,ngp->nqg", probs, gt_points)
+        denominator = probs.sum(-1)[:, :, None] + gt_points.sum(-1)[:, None, :]
+        dice = 1 - (numerator + DICE_EPS) / (denominator + DICE_EPS)
+        return self.cls_weight * cls_cost + self.mask_weight * bce + self.dice_weight * dice
+
+    @torch.no_grad()
+    def match_batch(
+        self,
+        cls_logits: torch.Tensor,
+        mask_logits: torch.Tensor,
+        targets: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Match every image of a batch: what :meth:`__call__` gives image by image, in one pass.
+
+        The points are drawn as the image-by-image calls draw them (``num_points`` per image with targets, in
+        image order: one ``torch.rand`` of all of them gives the same numbers on the CPU generator), and the
+        costs come from :meth:`batch_cost_matrices`; the assignment is the same unless two assignments' costs
+        tie to within those sums' rounding. One call instead of one per image is what keeps the tiny CPU
+        models' steps short (the per-image calls were a tenth of a 16-image step).
+
+        Args:
+            cls_logits: (B, Q, K + 1).
+            mask_logits: (B, Q, h, w).
+            targets: per image (labels (G,), masks (G, H, W)).
+
+        Returns:
+            Per image (query indices, target indices) as :meth:`__call__` returns them.
+        """
+        device = cls_logits.device
+        empty = torch.zeros(0, dtype=torch.int64, device=device)
+        matches: list[tuple[torch.Tensor, torch.Tensor]] = [(empty, empty)] * len(targets)
+        with_targets = [b for b, (labels, _) in enumerate(targets) if labels.numel()]
+        if not with_targets:
+            return matches
+        points = torch.rand(len(with_targets), self.num_points, 2, device=mask_logits.device)
+        if len(with_targets) < len(targets):
+            index = torch.as_tensor(with_targets, device=device)
+            cls_logits, mask_logits = cls_logits[index], mask_logits[index]
+        costs = self.batch_cost_matrices(cls_logits, mask_logits, [targets[b] for b in with_targets], points)
+        costs = costs.cpu().numpy()
+        for n, b in enumerate(with_targets):
+            matches[b] = self._assign(costs[n, :, : targets[b][0].numel()], device)
+        return matches
+
+    @staticmethod
+    def _assign(cost: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The minimal-cost assignment of one (Q, G) cost matrix; non-finite entries count as
+        :data:`NONFINITE_COST`."""
+        if not np.isfinite(cost).all():
+            cost = np.nan_to_num(cost, nan=NONFINITE_COST, posinf=NONFINITE_COST, neginf=NONFINITE_COST)
+        rows, cols = linear_sum_assignment(cost)
+        return (
+            torch.as_tensor(rows, dtype=torch.int64, device=device),
+            torch.as_tensor(cols, dtype=torch.int64, device=device),
+        )
+
+    @torch.no_grad()
     def __call__(
         self,
         cls_logits: torch.Tensor,
@@ -122,10 +223,4 @@ class HungarianMatcher:
             empty = torch.zeros(0, dtype=torch.int64, device=device)
             return empty, empty
         cost = self.cost_matrix(cls_logits, mask_logits, gt_labels, gt_masks, points).cpu().numpy()
-        if not np.isfinite(cost).all():
-            cost = np.nan_to_num(cost, nan=NONFINITE_COST, posinf=NONFINITE_COST, neginf=NONFINITE_COST)
-        rows, cols = linear_sum_assignment(cost)
-        return (
-            torch.as_tensor(rows, dtype=torch.int64, device=device),
-            torch.as_tensor(cols, dtype=torch.int64, device=device),
-        )
+        return self._assign(cost, device)
