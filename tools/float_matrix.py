@@ -43,6 +43,7 @@ DEFAULT_TESTS = [
     "tests/models/test_segmentor.py::test_gradient_checkpointing_gives_the_same_gradients",
     "tests/models/test_mask2former.py::test_gradient_checkpointing_gives_the_same_gradients",
     "tests/models/test_mask2former.py::test_batched_forward_equals_one_image_at_a_time",
+    "tests/models/test_mask2former.py::test_batch_matching_equals_image_by_image_matching",
 ]
 PLANTED = "tests/engine/test_train_step_planted_bugs.py"
 # name -> (environment, python statements run before pytest)
