@@ -159,8 +159,8 @@ class HungarianMatcher:
         """Match every image of a batch: what :meth:`__call__` gives image by image, in one pass.
 
         The points are drawn as the image-by-image calls draw them (``num_points`` per image with targets, in
-        image order: one ``torch.rand`` of all of them gives the same numbers on the CPU generator), and the
-        costs come from :meth:`batch_cost_matrices`; the assignment is the same unless two assignments' costs
+        image order: one ``torch.rand`` of all of them gives the same numbers on the CPU generator; CUDA's
+        generator gives other numbers of the same distribution), and the costs come from :meth:`batch_cost_matrices`; the assignment is the same unless two assignments' costs
         tie to within those sums' rounding. One call instead of one per image is what keeps the tiny CPU
         models' steps short (the per-image calls were a tenth of a 16-image step).
 
