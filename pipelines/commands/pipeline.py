@@ -76,11 +76,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     params = _params(args)
     params.run(args.run)
     modes = list(dict.fromkeys(args.mode))  # in the given order, each once
+    as_flow_run = _as_flow_run(args)
+    if as_flow_run:
+        from pipelines.commands.flow import run_stage_flow
     results: dict[str, Any] = {}
     for mode in modes:  # one after the other: a failure stops the stage, the modes finished before it stay
-        if _as_flow_run(args):
-            from pipelines.commands.flow import run_stage_flow
-
+        if as_flow_run:
             results[mode] = run_stage_flow("evaluate", args.run, mode=mode, params_file=args.params)
         else:
             results[mode] = evaluate_stage(params, args.run, mode)

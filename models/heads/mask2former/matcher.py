@@ -41,18 +41,21 @@ def classification_cost(cls_logits: torch.Tensor, gt_labels: torch.Tensor) -> to
 
 
 def mask_bce_cost(mask_logits: torch.Tensor, gt_masks: torch.Tensor) -> torch.Tensor:
-    """(Q, P) logits, (G, P) targets in [0, 1] -> (Q, G) mean binary cross-entropy over the points."""
+    """(..., Q, P) logits, (..., G, P) targets in [0, 1] -> (..., Q, G) mean binary cross-entropy over the
+    points (leading dimensions: images, each with its own queries and targets)."""
     pos = F.binary_cross_entropy_with_logits(mask_logits, torch.ones_like(mask_logits), reduction="none")
     neg = F.binary_cross_entropy_with_logits(mask_logits, torch.zeros_like(mask_logits), reduction="none")
-    cost = torch.einsum("qp,gp->qg", pos, gt_masks) + torch.einsum("qp,gp->qg", neg, 1 - gt_masks)
-    return cost / mask_logits.shape[1]
+    cost = torch.einsum("...qp,...gp->...qg", pos, gt_masks) + torch.einsum(
+        "...qp,...gp->...qg", neg, 1 - gt_masks
+    )
+    return cost / mask_logits.shape[-1]
 
 
 def dice_cost(mask_logits: torch.Tensor, gt_masks: torch.Tensor) -> torch.Tensor:
-    """(Q, P) logits, (G, P) targets -> (Q, G) naive dice loss (eps 1) of every pair."""
+    """(..., Q, P) logits, (..., G, P) targets -> (..., Q, G) naive dice loss (eps 1) of every pair."""
     probs = mask_logits.sigmoid()
-    numerator = 2 * torch.einsum("qp,gp->qg", probs, gt_masks)
-    denominator = probs.sum(-1)[:, None] + gt_masks.sum(-1)[None, :]
+    numerator = 2 * torch.einsum("...qp,...gp->...qg", probs, gt_masks)
+    denominator = probs.sum(-1)[..., :, None] + gt_masks.sum(-1)[..., None, :]
     return 1 - (numerator + DICE_EPS) / (denominator + DICE_EPS)
 
 
@@ -111,8 +114,8 @@ class HungarianMatcher:
     ) -> torch.Tensor:
         """:meth:`cost_matrix` of several images at once, the targets padded to the most of any image.
 
-        Element-wise the same operations as :meth:`cost_matrix` image by image; only the three sums over the
-        points (and ``sum(p)``) run as one batched product instead of one per image, so their rounding order
+        The same cost functions as :meth:`cost_matrix` with the images as a leading dimension; only the three
+        sums over the points (and ``sum(p)``) run as one batched product instead of one per image, so their rounding order
         may differ (each sum by at most its length times float32's unit roundoff, relative to its terms).
 
         Args:
@@ -138,16 +141,11 @@ class HungarianMatcher:
         cls_cost = -torch.gather(
             cls_logits.float().softmax(-1), 2, gt_labels[:, None, :].expand(-1, cls_logits.shape[1], -1)
         )
-        pos = F.binary_cross_entropy_with_logits(pred_points, torch.ones_like(pred_points), reduction="none")
-        neg = F.binary_cross_entropy_with_logits(pred_points, torch.zeros_like(pred_points), reduction="none")
-        bce = (
-            torch.einsum("nqp,ngp->nqg", pos, gt_points) + torch.einsum("nqp,ngp->nqg", neg, 1 - gt_points)
-        ) / (pred_points.shape[2])
-        probs = pred_points.sigmoid()
-        numerator = 2 * torch.einsum("nqp,ngp->nqg", probs, gt_points)
-        denominator = probs.sum(-1)[:, :, None] + gt_points.sum(-1)[:, None, :]
-        dice = 1 - (numerator + DICE_EPS) / (denominator + DICE_EPS)
-        return self.cls_weight * cls_cost + self.mask_weight * bce + self.dice_weight * dice
+        return (
+            self.cls_weight * cls_cost
+            + self.mask_weight * mask_bce_cost(pred_points, gt_points)
+            + self.dice_weight * dice_cost(pred_points, gt_points)
+        )
 
     @torch.no_grad()
     def match_batch(
@@ -160,8 +158,9 @@ class HungarianMatcher:
 
         The points are drawn as the image-by-image calls draw them (``num_points`` per image with targets, in
         image order: one ``torch.rand`` of all of them gives the same numbers on the CPU generator; CUDA's
-        generator gives other numbers of the same distribution), and the costs come from :meth:`batch_cost_matrices`; the assignment is the same unless two assignments' costs
-        tie to within those sums' rounding. One call instead of one per image is what keeps the tiny CPU
+        generator gives other numbers of the same distribution), and the costs come from
+        :meth:`batch_cost_matrices`; the assignment is the same unless two assignments' costs tie to within
+        those sums' rounding. One call instead of one per image is what keeps the tiny CPU
         models' steps short (the per-image calls were a tenth of a 16-image step).
 
         Args:
